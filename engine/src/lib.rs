@@ -1,0 +1,23 @@
+//! Canvas engine: the `canvas/v1` flow language — loader with spans, diagnostics, compiler
+//! into a petgraph DAG — and, in later layers, the executor and stores.
+
+pub mod compile;
+pub mod de;
+pub mod diagnostic;
+pub mod duration;
+pub mod expr;
+pub mod flow;
+pub mod model;
+pub mod project;
+pub mod registry;
+pub mod render;
+pub mod schema;
+pub mod schema_types;
+pub mod template;
+pub mod yaml;
+
+pub use compile::{Compiled, compile};
+pub use diagnostic::{Code, Diagnostic};
+pub use flow::{CompiledFlow, FlowHash};
+pub use project::{Validation, validate_paths};
+pub use registry::{ChannelSpec, NodeKind, Registry};

@@ -1,0 +1,151 @@
+//! `canvas`: the command line. Thin wiring of the engine and the node catalogue.
+
+mod bench;
+mod output;
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Marketing-automation canvas: customer journeys as YAML graphs.
+#[derive(Debug, Parser)]
+#[command(name = "canvas", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check flow files: every error with file:line:column and a hint.
+    Validate {
+        /// Flow files or folders (searched recursively). Default: `flows`.
+        paths: Vec<PathBuf>,
+        /// Output for people, for tools (json) or for GitHub Actions annotations.
+        #[arg(long, value_enum, default_value_t = Format::Human)]
+        format: Format,
+    },
+    /// Draw a flow as a Mermaid or Graphviz graph.
+    Graph {
+        /// A flow file, or a flow id found under `--flows`.
+        flow: String,
+        #[arg(long, value_enum, default_value_t = GraphFormat::Mermaid)]
+        format: GraphFormat,
+        /// Where to look up a flow given by id.
+        #[arg(long, default_value = "flows")]
+        flows: PathBuf,
+    },
+    /// Print the JSON Schema of the flow language (committed as schema/flow.schema.json).
+    Schema,
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: bench::Bench,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Human,
+    Json,
+    Github,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum GraphFormat {
+    Mermaid,
+    Dot,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CANVAS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let registry = canvas_nodes::catalogue();
+    match cli.command {
+        Command::Validate { paths, format } => {
+            let paths = if paths.is_empty() {
+                vec![PathBuf::from("flows")]
+            } else {
+                paths
+            };
+            let validation = canvas_engine::validate_paths(&paths, &registry)?;
+            let color = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            let mut stdout = std::io::stdout().lock();
+            output::validation(&mut stdout, &validation, format, color)?;
+            Ok(if validation.is_valid() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Graph {
+            flow,
+            format,
+            flows,
+        } => {
+            let path = PathBuf::from(&flow);
+            let validation = if path.is_file() {
+                canvas_engine::validate_paths(&[path], &registry)?
+            } else {
+                let all = canvas_engine::validate_paths(&[flows.clone()], &registry)
+                    .with_context(|| format!("looking up flow `{flow}`"))?;
+                let Some(file) = all
+                    .files
+                    .iter()
+                    .find(|f| f.flow_id.as_deref() == Some(flow.as_str()))
+                else {
+                    bail!(
+                        "no flow file `{flow}` and no flow with id `{flow}` under {}",
+                        flows.display()
+                    );
+                };
+                let file = file.path.clone();
+                canvas_engine::validate_paths(&[file], &registry)?
+            };
+            let mut stdout = std::io::stdout().lock();
+            let Some(compiled) = validation.flows().next() else {
+                let color =
+                    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+                output::validation(
+                    &mut std::io::stderr().lock(),
+                    &validation,
+                    Format::Human,
+                    color,
+                )?;
+                return Ok(ExitCode::from(1));
+            };
+            let text = match format {
+                GraphFormat::Mermaid => canvas_engine::render::mermaid(compiled),
+                GraphFormat::Dot => canvas_engine::render::dot(compiled),
+            };
+            stdout.write_all(text.as_bytes())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Schema => {
+            std::io::stdout()
+                .lock()
+                .write_all(canvas_engine::schema::flow_schema_json().as_bytes())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { what } => bench::run(what, &registry),
+    }
+}

@@ -1,0 +1,75 @@
+//! How `canvas validate` reports: for people, for tools, for GitHub Actions.
+
+use std::io::Write;
+
+use canvas_engine::Validation;
+use canvas_engine::diagnostic::HumanRenderer;
+use serde_json::json;
+
+use crate::Format;
+
+pub fn validation(
+    out: &mut dyn Write,
+    v: &Validation,
+    format: Format,
+    color: bool,
+) -> std::io::Result<()> {
+    match format {
+        Format::Human => {
+            let renderer = HumanRenderer::new(color);
+            for d in &v.diagnostics {
+                let text = renderer.render(d, v.sources.get(&d.file));
+                writeln!(out, "{text}")?;
+            }
+            let bad = v.files.iter().filter(|f| f.errors > 0).count();
+            let errors = v.diagnostics.len();
+            if errors == 0 {
+                writeln!(
+                    out,
+                    "✓ {} flow file{} valid",
+                    v.files.len(),
+                    plural(v.files.len())
+                )
+            } else {
+                writeln!(
+                    out,
+                    "✗ {errors} error{} in {bad} of {} flow file{}",
+                    plural(errors),
+                    v.files.len(),
+                    plural(v.files.len())
+                )
+            }
+        }
+        Format::Json => {
+            let files: Vec<_> = v
+                .files
+                .iter()
+                .map(|f| {
+                    json!({
+                        "path": f.path,
+                        "flow": f.flow_id,
+                        "version": f.flow.as_ref().map(|c| c.hash.0.clone()),
+                        "errors": f.errors,
+                    })
+                })
+                .collect();
+            let doc = json!({
+                "valid": v.is_valid(),
+                "files": files,
+                "diagnostics": v.diagnostics,
+            });
+            serde_json::to_writer_pretty(&mut *out, &doc)?;
+            writeln!(out)
+        }
+        Format::Github => {
+            for d in &v.diagnostics {
+                writeln!(out, "{}", d.github())?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
