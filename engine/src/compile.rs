@@ -12,7 +12,7 @@ use petgraph::graph::{DiGraph, NodeIndex};
 use sha2::{Digest, Sha256};
 
 use crate::de::{self, DecodeError, DecodeErrorKind, Lenient, Spanned};
-use crate::diagnostic::{Code, Diagnostic, did_you_mean, quote_list};
+use crate::diagnostic::{Code, Diagnostic, did_you_mean, quote_all, quote_list};
 use crate::duration::{Duration, TimeOfDay};
 use crate::expr::{self, Expr, Scope};
 use crate::flow::{
@@ -398,7 +398,7 @@ impl<'a> Cx<'a> {
             } else {
                 format!(
                     "the trigger has {}; a flow has exactly one trigger",
-                    quote_list(&kinds)
+                    quote_all(&kinds)
                 )
             };
             self.error(Code::Conflict, span, msg).help =
@@ -791,7 +791,7 @@ impl<'a> Cx<'a> {
                     format!(
                         "step `{}` has {}; a step does one thing",
                         raw.id.value,
-                        quote_list(&names)
+                        quote_all(&names)
                     ),
                 )
                 .help = Some("split it into consecutive steps".to_owned());
@@ -1055,7 +1055,7 @@ impl<'a> Cx<'a> {
             } else {
                 format!(
                     "the wait has {}; a wait waits for one thing",
-                    quote_list(&modes)
+                    quote_all(&modes)
                 )
             };
             self.error(Code::Conflict, w.span, msg).help =
@@ -1527,7 +1527,9 @@ impl<'a> Cx<'a> {
         let mut ok = true;
         if let Err(msg) = kind.check(&with) {
             let span = raw.with.as_ref().map_or(name.span, |w| w.span);
-            self.error(Code::KindConfig, span, format!("`{}`: {msg}", name.value));
+            let help = format!("`{}` {}", name.value, kind.description());
+            self.error(Code::KindConfig, span, format!("`{}`: {msg}", name.value))
+                .help = Some(help);
             ok = false;
         }
         let mut outputs: Vec<(String, Target)> = kind

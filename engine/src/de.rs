@@ -159,13 +159,17 @@ fn decode_collect<T: DeserializeOwned>(node: &Node) -> (Option<T>, Vec<DecodeErr
             // learn which required keys are missing.
             let mut errors = Vec::new();
             let mut good = Vec::new();
+            let mut bad_keys = Vec::new();
             for pair in pairs {
                 let single = Node {
                     span: node.span,
                     value: Value::Map(vec![pair.clone()]),
                 };
                 match T::deserialize(NodeDe(&single)) {
-                    Err(e) if !matches!(e.kind, DecodeErrorKind::MissingField(_)) => errors.push(e),
+                    Err(e) if !matches!(e.kind, DecodeErrorKind::MissingField(_)) => {
+                        errors.push(e);
+                        bad_keys.extend(pair.0.as_str().map(str::to_owned));
+                    }
                     _ => good.push(pair.clone()),
                 }
             }
@@ -173,8 +177,14 @@ fn decode_collect<T: DeserializeOwned>(node: &Node) -> (Option<T>, Vec<DecodeErr
                 span: node.span,
                 value: Value::Map(good),
             };
-            if let Err(e) = T::deserialize(NodeDe(&rest)) {
-                errors.push(e);
+            match T::deserialize(NodeDe(&rest)) {
+                // A key that is there but broken is not also missing.
+                Err(DecodeError {
+                    kind: DecodeErrorKind::MissingField(f),
+                    ..
+                }) if bad_keys.iter().any(|k| k == f) => {}
+                Err(e) => errors.push(e),
+                Ok(_) => {}
             }
             if errors.is_empty() {
                 errors.push(first);

@@ -299,11 +299,20 @@ fn gh_prop(s: &str) -> String {
 
 /// `a`, `b` or `c`, for messages.
 pub fn quote_list<S: AsRef<str>>(items: &[S]) -> String {
+    join_quoted(items, "or")
+}
+
+/// `a`, `b` and `c`, for messages.
+pub fn quote_all<S: AsRef<str>>(items: &[S]) -> String {
+    join_quoted(items, "and")
+}
+
+fn join_quoted<S: AsRef<str>>(items: &[S], word: &str) -> String {
     let quoted: Vec<String> = items.iter().map(|s| format!("`{}`", s.as_ref())).collect();
     match quoted.len() {
         0 => String::new(),
         1 => quoted[0].clone(),
-        n => format!("{} or {}", quoted[..n - 1].join(", "), quoted[n - 1]),
+        n => format!("{} {word} {}", quoted[..n - 1].join(", "), quoted[n - 1]),
     }
 }
 

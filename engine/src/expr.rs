@@ -468,7 +468,10 @@ impl Checker<'_> {
                         if *arity == 1 { "" } else { "s" },
                         call.args.len()
                     ),
-                    None,
+                    HELPERS
+                        .iter()
+                        .find(|(n, _, _)| *n == name)
+                        .map(|(n, _, what)| format!("`{n}`: {what}")),
                 );
             } else if name == "at" {
                 self.check_clock_arg(&call.args[1]);
