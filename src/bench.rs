@@ -23,6 +23,9 @@ pub enum Bench {
         /// The flows folder to copy from.
         #[arg(long, default_value = "flows")]
         flows: PathBuf,
+        /// Keep the generated corpus in this folder (to time `canvas validate` on it).
+        #[arg(long)]
+        keep: Option<PathBuf>,
     },
 }
 
@@ -32,7 +35,8 @@ pub fn run(bench: Bench, registry: &Registry) -> anyhow::Result<ExitCode> {
             files,
             rounds,
             flows,
-        } => validate(files, rounds.max(1), &flows, registry),
+            keep,
+        } => validate(files, rounds.max(1), &flows, keep, registry),
     }
 }
 
@@ -40,6 +44,7 @@ fn validate(
     n: usize,
     rounds: usize,
     flows: &Path,
+    keep: Option<PathBuf>,
     registry: &Registry,
 ) -> anyhow::Result<ExitCode> {
     let source = canvas_engine::validate_paths(&[flows.to_path_buf()], registry)
@@ -59,7 +64,9 @@ fn validate(
     if originals.is_empty() {
         bail!("no flows under {}", flows.display());
     }
-    let dir = std::env::temp_dir().join(format!("canvas-bench-{}", std::process::id()));
+    let dir = keep.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("canvas-bench-{}", std::process::id()))
+    });
     let corpus = dir.join("flows");
     std::fs::create_dir_all(&corpus)?;
     copy_dir(&flows.join("templates"), &corpus.join("templates"))?;
@@ -97,7 +104,9 @@ fn validate(
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let _ = std::fs::remove_dir_all(&dir);
+    if keep.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     times.sort();
     let median = times[times.len() / 2];
     let best = times[0];

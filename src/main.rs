@@ -106,7 +106,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let validation = if path.is_file() {
                 canvas_engine::validate_paths(&[path], &registry)?
             } else {
-                let all = canvas_engine::validate_paths(&[flows.clone()], &registry)
+                let all = canvas_engine::validate_paths(std::slice::from_ref(&flows), &registry)
                     .with_context(|| format!("looking up flow `{flow}`"))?;
                 let Some(file) = all
                     .files

@@ -32,7 +32,11 @@ fn expectation(path: &Path) -> Option<Expect> {
             None => Some((false, l.parse().expect("line number"))),
         },
     };
-    Some(Expect { code, line, message })
+    Some(Expect {
+        code,
+        line,
+        message,
+    })
 }
 
 fn corpus() -> Vec<PathBuf> {
@@ -50,17 +54,33 @@ fn every_broken_flow_gets_exactly_its_diagnostic() {
     let registry = canvas_nodes::catalogue();
     let mut failures = Vec::new();
     let files = corpus();
-    assert!(files.len() >= 50, "the corpus shrank to {} files", files.len());
+    assert!(
+        files.len() >= 50,
+        "the corpus shrank to {} files",
+        files.len()
+    );
     for path in &files {
-        let expect = expectation(path).unwrap_or_else(|| panic!("{}: no `# expect:` line", path.display()));
+        let expect =
+            expectation(path).unwrap_or_else(|| panic!("{}: no `# expect:` line", path.display()));
         let v = validate_files(std::slice::from_ref(path), &registry);
         let got: Vec<String> = v
             .diagnostics
             .iter()
-            .map(|d| format!("{} {:?} {}", d.code, d.location.map(|l| (l.line, l.column)), d.message))
+            .map(|d| {
+                format!(
+                    "{} {:?} {}",
+                    d.code,
+                    d.location.map(|l| (l.line, l.column)),
+                    d.message
+                )
+            })
             .collect();
         let [d] = v.diagnostics.as_slice() else {
-            failures.push(format!("{}: expected one diagnostic, got {}: {got:#?}", path.display(), got.len()));
+            failures.push(format!(
+                "{}: expected one diagnostic, got {}: {got:#?}",
+                path.display(),
+                got.len()
+            ));
             continue;
         };
         let line_ok = match expect.line {
@@ -80,8 +100,23 @@ fn every_broken_flow_gets_exactly_its_diagnostic() {
                 got[0]
             ));
         }
-        if d.location.is_some() && d.help.is_none() && d.label.is_none() && !matches!(d.code, Code::Syntax | Code::WrongType | Code::TemplateSyntax | Code::TemplateReference | Code::ExprSyntax) {
-            failures.push(format!("{}: {} has neither help nor label", path.display(), d.code));
+        if d.location.is_some()
+            && d.help.is_none()
+            && d.label.is_none()
+            && !matches!(
+                d.code,
+                Code::Syntax
+                    | Code::WrongType
+                    | Code::TemplateSyntax
+                    | Code::TemplateReference
+                    | Code::ExprSyntax
+            )
+        {
+            failures.push(format!(
+                "{}: {} has neither help nor label",
+                path.display(),
+                d.code
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -89,17 +124,26 @@ fn every_broken_flow_gets_exactly_its_diagnostic() {
 
 #[test]
 fn the_corpus_covers_every_code() {
-    let mut seen: BTreeSet<String> = corpus().iter().filter_map(|p| expectation(p)).map(|e| e.code).collect();
+    let mut seen: BTreeSet<String> = corpus()
+        .iter()
+        .filter_map(|p| expectation(p))
+        .map(|e| e.code)
+        .collect();
     seen.insert("CNV0202".to_owned()); // duplicate flow ids: the folder test below
     seen.insert("CNV0003".to_owned()); // unreadable or not UTF-8: tests/loader_robustness.rs
-    let missing: Vec<&str> = Code::ALL.iter().map(|c| c.as_str()).filter(|c| !seen.contains(*c)).collect();
+    let missing: Vec<&str> = Code::ALL
+        .iter()
+        .map(|c| c.as_str())
+        .filter(|c| !seen.contains(*c))
+        .collect();
     assert!(missing.is_empty(), "no broken flow shows {missing:?}");
 }
 
 #[test]
 fn the_same_flow_id_in_two_files_is_reported_in_the_second() {
     let registry = canvas_nodes::catalogue();
-    let v = validate_paths(&[PathBuf::from("tests/broken/duplicate-flow")], &registry).expect("folder");
+    let v =
+        validate_paths(&[PathBuf::from("tests/broken/duplicate-flow")], &registry).expect("folder");
     let [d] = v.diagnostics.as_slice() else {
         panic!("expected one diagnostic, got {:#?}", v.diagnostics)
     };
@@ -123,5 +167,12 @@ fn all_errors_of_a_file_come_at_once() {
     .expect("write");
     let v = validate_files(&[path], &registry);
     let codes: Vec<&str> = v.diagnostics.iter().map(|d| d.code.as_str()).collect();
-    assert_eq!(codes, ["CNV0303", "CNV0401", "CNV0204", "CNV0301", "CNV0101", "CNV0208"], "{:#?}", v.diagnostics);
+    assert_eq!(
+        codes,
+        [
+            "CNV0303", "CNV0401", "CNV0204", "CNV0301", "CNV0101", "CNV0208"
+        ],
+        "{:#?}",
+        v.diagnostics
+    );
 }

@@ -28,7 +28,13 @@ fn flow_files() -> Vec<PathBuf> {
 #[test]
 fn the_shipped_flows_are_valid() {
     let out = canvas(&["validate", "flows"]);
-    assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(flow_files().len() >= 9, "at least nine journeys ship");
 }
 
@@ -37,7 +43,8 @@ fn every_flow_points_editors_at_the_schema() {
     for f in flow_files() {
         let text = std::fs::read_to_string(&f).expect("read");
         assert!(
-            text.lines().next() == Some("# yaml-language-server: $schema=../schema/flow.schema.json"),
+            text.lines().next()
+                == Some("# yaml-language-server: $schema=../schema/flow.schema.json"),
             "{} must start with the schema modeline",
             f.display()
         );
@@ -74,13 +81,21 @@ fn valid_files_report_their_version_in_json() {
     assert_eq!(version.len(), 64);
     let again = canvas(&["validate", "--format", "json", "flows/birthday-ritual.yaml"]);
     let doc2: serde_json::Value = serde_json::from_slice(&again.stdout).expect("json");
-    assert_eq!(doc2["files"][0]["version"], version, "the same file gives the same version");
+    assert_eq!(
+        doc2["files"][0]["version"], version,
+        "the same file gives the same version"
+    );
 }
 
 #[test]
 fn usage_and_io_errors_exit_2() {
     assert_eq!(canvas(&["validate", "no/such/dir"]).status.code(), Some(2));
-    assert_eq!(canvas(&["validate", "--format", "xml", "flows"]).status.code(), Some(2));
+    assert_eq!(
+        canvas(&["validate", "--format", "xml", "flows"])
+            .status
+            .code(),
+        Some(2)
+    );
     let empty = tempfile::tempdir().expect("tempdir");
     let out = canvas(&["validate", empty.path().to_str().expect("utf8 path")]);
     assert_eq!(out.status.code(), Some(2));
@@ -96,7 +111,8 @@ fn human_output_matches_its_snapshot() {
         std::fs::create_dir_all("tests/snapshots").expect("mkdir");
         std::fs::write(snapshot, &got).expect("write snapshot");
     }
-    let want = std::fs::read_to_string(snapshot).expect("snapshot exists (UPDATE_SNAPSHOTS=1 writes it)");
+    let want =
+        std::fs::read_to_string(snapshot).expect("snapshot exists (UPDATE_SNAPSHOTS=1 writes it)");
     assert_eq!(got, want);
     assert!(got.contains("tests/broken/unknown-next.yaml:9:11"));
     assert!(got.contains("did you mean `wait-birthday`?"));
@@ -130,7 +146,12 @@ fn graph_edges_carry_conditions_shares_and_timeouts() {
     .expect("write");
     let out = canvas(&["graph", flow.to_str().expect("utf8")]);
     let text = stdout(&out);
-    assert_eq!(out.status.code(), Some(0), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for want in [
         "s0 -->|\"45%\"| s1",
         "s0 -->|\"10%\"| end_control",
@@ -142,7 +163,12 @@ fn graph_edges_carry_conditions_shares_and_timeouts() {
     ] {
         assert!(text.contains(want), "missing `{want}` in\n{text}");
     }
-    let dot = stdout(&canvas(&["graph", flow.to_str().expect("utf8"), "--format", "dot"]));
+    let dot = stdout(&canvas(&[
+        "graph",
+        flow.to_str().expect("utf8"),
+        "--format",
+        "dot",
+    ]));
     assert!(dot.contains("s0 -> s1 [label=\"45%\"];"), "{dot}");
 }
 
@@ -157,7 +183,8 @@ fn graph_finds_a_flow_by_id() {
 #[test]
 fn the_committed_schema_is_current() {
     let out = canvas(&["schema"]);
-    let committed = std::fs::read_to_string("schema/flow.schema.json").expect("schema/flow.schema.json");
+    let committed =
+        std::fs::read_to_string("schema/flow.schema.json").expect("schema/flow.schema.json");
     assert!(
         stdout(&out) == committed,
         "schema/flow.schema.json is stale: run `cargo run -- schema > schema/flow.schema.json`"
@@ -175,14 +202,25 @@ fn the_version_ignores_layout_but_not_meaning_or_templates() {
         std::fs::write(&f, text).expect("write");
         let out = canvas(&["validate", "--format", "json", f.to_str().expect("utf8")]);
         let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-        doc["files"][0]["version"].as_str().expect("valid").to_owned()
+        doc["files"][0]["version"]
+            .as_str()
+            .expect("valid")
+            .to_owned()
     };
-    let base = version("flow: v\ntrigger:\n  event: order_paid\nsteps:\n  - id: hi\n    send: sms\n    template: hi\n");
-    let relaid = version("# a comment\nflow: v\ntrigger: { event: order_paid }\nsteps:\n- {id: hi, send: sms, template: hi}\n");
+    let base = version(
+        "flow: v\ntrigger:\n  event: order_paid\nsteps:\n  - id: hi\n    send: sms\n    template: hi\n",
+    );
+    let relaid = version(
+        "# a comment\nflow: v\ntrigger: { event: order_paid }\nsteps:\n- {id: hi, send: sms, template: hi}\n",
+    );
     assert_eq!(base, relaid, "comments and layout are not a new version");
-    let changed = version("flow: v\ntrigger:\n  event: order_paid\nsteps:\n  - id: hi\n    send: [push, sms]\n    template: hi\n");
+    let changed = version(
+        "flow: v\ntrigger:\n  event: order_paid\nsteps:\n  - id: hi\n    send: [push, sms]\n    template: hi\n",
+    );
     assert_ne!(base, changed);
     std::fs::write(t.join("hi.txt"), "Hello {{ customer.first_name }}").expect("write");
-    let new_text = version("flow: v\ntrigger:\n  event: order_paid\nsteps:\n  - id: hi\n    send: sms\n    template: hi\n");
+    let new_text = version(
+        "flow: v\ntrigger:\n  event: order_paid\nsteps:\n  - id: hi\n    send: sms\n    template: hi\n",
+    );
     assert_ne!(base, new_text, "a template edit is a new version");
 }

@@ -25,7 +25,10 @@ fn validate_bytes(bytes: &[u8]) -> (Vec<Code>, Duration) {
     std::fs::write(&path, bytes).expect("write");
     let started = Instant::now();
     let v = validate_files(&[path], &canvas_nodes::catalogue());
-    (v.diagnostics.into_iter().map(|d| d.code).collect(), started.elapsed())
+    (
+        v.diagnostics.into_iter().map(|d| d.code).collect(),
+        started.elapsed(),
+    )
 }
 
 #[test]
@@ -38,7 +41,9 @@ fn a_ten_megabyte_file_is_refused_by_size() {
 
 #[test]
 fn binary_junk_is_not_utf8() {
-    let junk: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let junk: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     let (codes, _) = validate_bytes(&junk);
     assert_eq!(codes, [Code::Io]);
 }
@@ -49,7 +54,9 @@ fn deep_nesting_is_a_limit() {
     let codes = compile_text(&deep);
     assert_eq!(codes.len(), 1, "{codes:?}");
     assert!(matches!(codes[0], Code::Limit | Code::Syntax), "{codes:?}");
-    let block = (0..200).map(|i| format!("{}k{i}:\n", "  ".repeat(i))).collect::<String>();
+    let block = (0..200)
+        .map(|i| format!("{}k{i}:\n", "  ".repeat(i)))
+        .collect::<String>();
     assert_eq!(compile_text(&block), [Code::Limit]);
 }
 
@@ -58,7 +65,9 @@ fn an_alias_bomb_is_a_limit() {
     let mut bomb = String::from("a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
     for i in 1..10 {
         let p = i - 1;
-        bomb.push_str(&format!("a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"));
+        bomb.push_str(&format!(
+            "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+        ));
     }
     let started = Instant::now();
     assert_eq!(compile_text(&bomb), [Code::Limit]);
@@ -78,7 +87,10 @@ fn real_flows() -> Vec<String> {
         .filter(|p| canvas_engine::project::is_flow_file(p))
         .collect();
     files.sort();
-    files.iter().map(|p| std::fs::read_to_string(p).expect("read")).collect()
+    files
+        .iter()
+        .map(|p| std::fs::read_to_string(p).expect("read"))
+        .collect()
 }
 
 proptest! {

@@ -435,7 +435,7 @@ impl<'a> Cx<'a> {
             let schedule = self.cron(cron);
             let audience = self.opt_expr(t.audience.as_ref(), Scope::PROFILE);
             return Some(Trigger::Schedule {
-                cron: schedule?,
+                cron: Box::new(schedule?),
                 audience: audience?,
             });
         }
@@ -466,7 +466,7 @@ impl<'a> Cx<'a> {
         let text = cron.value.trim();
         let fields = text.split_whitespace().count();
         let help = "five fields: minute hour day-of-month month day-of-week, e.g. `0 9 1 * *` for 09:00 on the 1st (a sixth, leading field gives seconds)";
-        if !text.starts_with('@') && !(fields == 5 || fields == 6) {
+        if !(text.starts_with('@') || fields == 5 || fields == 6) {
             self.error(
                 Code::Cron,
                 cron.span,
@@ -1442,12 +1442,21 @@ impl<'a> Cx<'a> {
     fn inline_templates(&mut self, value: &serde_json::Value, span: Span) -> bool {
         match value {
             serde_json::Value::String(s) => self.inline_template(s, span),
-            serde_json::Value::Array(items) => items
-                .iter()
-                .fold(true, |ok, v| self.inline_templates(v, span) && ok),
-            serde_json::Value::Object(map) => map
-                .values()
-                .fold(true, |ok, v| self.inline_templates(v, span) && ok),
+            // Every string is checked, not only up to the first bad one.
+            serde_json::Value::Array(items) => {
+                let mut ok = true;
+                for v in items {
+                    ok &= self.inline_templates(v, span);
+                }
+                ok
+            }
+            serde_json::Value::Object(map) => {
+                let mut ok = true;
+                for v in map.values() {
+                    ok &= self.inline_templates(v, span);
+                }
+                ok
+            }
             _ => true,
         }
     }

@@ -143,7 +143,7 @@ pub fn decode<T: DeserializeOwned>(node: &Node) -> (Option<T>, Vec<DecodeError>)
     let mut errors = SINK.with(|s| std::mem::replace(&mut *s.borrow_mut(), outer));
     let (value, own) = value;
     errors.extend(own);
-    errors.sort_by(|a, b| a.span.cmp(&b.span));
+    errors.sort_by_key(|e| e.span);
     errors.dedup();
     (value, errors)
 }

@@ -98,7 +98,7 @@ impl fmt::Display for Duration {
     /// `36h`), else a compound (`1d12h30m`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (unit, secs) in [("w", 604_800), ("d", 86_400), ("h", 3600), ("m", 60)] {
-            if self.0 >= secs && self.0 % secs == 0 {
+            if self.0 >= secs && self.0.is_multiple_of(secs) {
                 return write!(f, "{}{unit}", self.0 / secs);
             }
         }

@@ -331,8 +331,10 @@ impl Checker<'_> {
         match &e.expr {
             Ast::Ident(name) => self.ident(e, name),
             Ast::Select(sel) => {
-                if let Ast::Ident(root) = &sel.operand.expr {
-                    if !self.bound.iter().any(|b| b == root) {
+                if let Ast::Ident(root) = &sel.operand.expr
+                    && !self.bound.iter().any(|b| b == root)
+                {
+                    {
                         if root == "event"
                             && self.scope.event
                             && !EVENT_FIELDS.contains(&sel.field.as_str())

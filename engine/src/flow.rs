@@ -68,7 +68,7 @@ pub enum Trigger {
         condition: Option<Expr>,
     },
     Schedule {
-        cron: Schedule,
+        cron: Box<Schedule>,
         audience: Option<Expr>,
     },
     Segment {

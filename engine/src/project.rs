@@ -35,6 +35,9 @@ pub enum ProjectError {
     },
 }
 
+/// A worker's result for one file: what compiling gave, and the text it read.
+type Slot = Mutex<Option<(Compiled, Option<Arc<String>>)>>;
+
 /// One file's result.
 #[derive(Debug)]
 pub struct FileResult {
@@ -132,8 +135,7 @@ pub fn validate_paths(paths: &[PathBuf], registry: &Registry) -> Result<Validati
 /// Compile `files` (in parallel), then check what spans them.
 pub fn validate_files(files: &[PathBuf], registry: &Registry) -> Validation {
     let template_dirs: Mutex<HashMap<PathBuf, Arc<TemplateDir>>> = Mutex::new(HashMap::new());
-    let results: Vec<Mutex<Option<(Compiled, Option<Arc<String>>)>>> =
-        files.iter().map(|_| Mutex::new(None)).collect();
+    let results: Vec<Slot> = files.iter().map(|_| Mutex::new(None)).collect();
     let next = AtomicUsize::new(0);
     let workers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
