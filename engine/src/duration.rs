@@ -97,10 +97,13 @@ impl fmt::Display for Duration {
     /// The way an operator would write it: the largest unit that divides it (`2w`, `300d`,
     /// `36h`), else a compound (`1d12h30m`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (unit, secs) in [("w", 604_800), ("d", 86_400), ("h", 3600), ("m", 60)] {
+        for (unit, secs) in [("w", 604_800), ("d", 86_400), ("h", 3600)] {
             if self.0 >= secs && self.0.is_multiple_of(secs) {
                 return write!(f, "{}{unit}", self.0 / secs);
             }
+        }
+        if self.0 < 86_400 && self.0.is_multiple_of(60) {
+            return write!(f, "{}m", self.0 / 60);
         }
         let mut rest = self.0;
         let mut wrote = false;

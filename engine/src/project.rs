@@ -268,5 +268,11 @@ fn compile_file(
         }
     };
     let compiled = compile(path, &text, registry, templates);
+    tracing::debug!(
+        file = %path.display(),
+        valid = compiled.diagnostics.is_empty(),
+        diagnostics = compiled.diagnostics.len(),
+        "compiled flow file"
+    );
     (compiled, Some(Arc::new(text)))
 }
