@@ -27,6 +27,23 @@ pub enum Bench {
         #[arg(long)]
         keep: Option<PathBuf>,
     },
+    /// Enrol N customers in a 5-step flow (send, wait, branch, send, exit), drive them to
+    /// the end, and compare with raw set-based SQL doing the same writes, in the same run.
+    Engine {
+        /// How many customers.
+        #[arg(long, default_value_t = 200_000)]
+        customers: usize,
+        /// `sqlite://PATH` (default: a fresh file in the temp folder) or `postgres://…`
+        /// (a fresh schema is created and dropped).
+        #[arg(long)]
+        database: Option<String>,
+        /// Customers per transaction.
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+        /// Skip the raw-SQL ceiling.
+        #[arg(long)]
+        no_raw: bool,
+    },
 }
 
 pub fn run(bench: Bench, registry: &Registry) -> anyhow::Result<ExitCode> {
@@ -37,6 +54,12 @@ pub fn run(bench: Bench, registry: &Registry) -> anyhow::Result<ExitCode> {
             flows,
             keep,
         } => validate(files, rounds.max(1), &flows, keep, registry),
+        Bench::Engine {
+            customers,
+            database,
+            batch,
+            no_raw,
+        } => crate::bench_engine::run(customers, database, batch.max(1), !no_raw, registry),
     }
 }
 

@@ -1,7 +1,10 @@
 //! `canvas`: the command line. Thin wiring of the engine and the node catalogue.
 
+mod batch;
 mod bench;
+mod bench_engine;
 mod output;
+mod play;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -37,6 +40,50 @@ enum Command {
         /// Where to look up a flow given by id.
         #[arg(long, default_value = "flows")]
         flows: PathBuf,
+    },
+    /// Run flow tests (`*.test.yaml`): scripted customers in virtual time, checked against
+    /// what they must receive and where their runs must end.
+    Test {
+        /// Test files or folders (searched recursively). Default: `flows`.
+        paths: Vec<PathBuf>,
+        #[arg(long, value_enum, default_value_t = Format::Human)]
+        format: Format,
+    },
+    /// Play a customer timeline through a flow in virtual time and print each customer's
+    /// trace: step, time, what was sent or skipped and why.
+    Simulate {
+        /// A flow file, or a flow id found under `--flows`.
+        flow: String,
+        /// The timeline: customers, events and profile updates (the test-file format).
+        #[arg(long)]
+        timeline: PathBuf,
+        #[arg(long, value_enum, default_value_t = Format::Human)]
+        format: Format,
+        #[arg(long, default_value = "flows")]
+        flows: PathBuf,
+    },
+    /// Add events and profile updates (JSON lines) to a database's inbox; events already
+    /// there (same id) are dropped.
+    Ingest {
+        /// A file of JSON lines: `{"kind":"event","id":…,"customer_id":…,"name":…,
+        /// "data":{…},"occurred_at":"…"}` or `{"kind":"profile","customer_id":…,"set":{…},"at":"…"}`.
+        file: PathBuf,
+        #[arg(long, default_value = "sqlite://canvas.db")]
+        database: String,
+    },
+    /// Apply the inbox and fire due timers once, then exit (a batch job; `canvas serve` will
+    /// do this continuously). Safe to kill and rerun at any moment.
+    Run {
+        #[arg(long, default_value = "sqlite://canvas.db")]
+        database: String,
+        #[arg(long, default_value = "flows")]
+        flows: PathBuf,
+        /// Run as if it were this time (`2026-03-14T09:00+08:00`); default: now.
+        #[arg(long)]
+        at: Option<String>,
+        /// Customers per transaction.
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
     },
     /// Print the JSON Schema of the flow language (committed as schema/flow.schema.json).
     Schema,
@@ -145,6 +192,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .lock()
                 .write_all(canvas_engine::schema::flow_schema_json().as_bytes())?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Ingest { file, database } => batch::ingest(&file, &database),
+        Command::Run { database, flows, at, batch: size } => {
+            batch::run(&database, &flows, at.as_deref(), size.max(1), &registry)
+        }
+        Command::Test { paths, format } => play::test(paths, format, &registry),
+        Command::Simulate { flow, timeline, format, flows } => {
+            play::simulate(&flow, &timeline, &flows, format, &registry)
         }
         Command::Bench { what } => bench::run(what, &registry),
     }

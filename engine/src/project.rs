@@ -66,12 +66,14 @@ impl Validation {
     }
 }
 
-/// Is this a flow file by its name? (`*.test.yaml` files are flow tests, not flows.)
+/// Is this a flow file by its name? (`*.test.yaml` files are flow tests and `canvas.yaml`
+/// is the engine policy, not flows.)
 pub fn is_flow_file(path: &Path) -> bool {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
     (name.ends_with(".yaml") || name.ends_with(".yml"))
         && !name.ends_with(".test.yaml")
         && !name.ends_with(".test.yml")
+        && name != crate::policy::FILE_NAME
 }
 
 /// The flow files under `paths`: files as given, folders searched recursively (skipping

@@ -27,6 +27,24 @@ pub trait NodeKind: Send + Sync + fmt::Debug {
     }
     /// Check the step's `with:` settings; the error says what is wrong in a sentence.
     fn check(&self, with: &serde_json::Value) -> Result<(), String>;
+    /// Run the step for one customer: `Ok(None)` continues to `next`, `Ok(Some(output))`
+    /// takes that output. Must be pure: everything it may read or change is in `cx`.
+    /// An error ends nothing: the run records it and continues to `next`.
+    fn run(&self, with: &serde_json::Value, cx: &mut PluginCx<'_>) -> Result<Option<String>, String> {
+        let _ = (with, cx);
+        Err(format!("node kind `{}` cannot run: it only validates", self.name()))
+    }
+}
+
+/// What a plugin step sees and may change when it runs.
+#[derive(Debug)]
+pub struct PluginCx<'a> {
+    pub flow: &'a str,
+    pub step: &'a str,
+    pub run_id: &'a str,
+    /// The customer; a kind may keep per-customer state in `cooldowns`.
+    pub customer: &'a mut crate::state::Customer,
+    pub now: crate::state::Time,
 }
 
 /// Channels and node kinds known to a validation or a run.

@@ -1,0 +1,566 @@
+//! The runtime: routes inbox items, due timers, schedule ticks and segment checks to runs,
+//! calls the pure executor, and commits what it returns, many customers per transaction.
+//!
+//! Every method takes `now` from its caller (who holds the [`crate::clock::Clock`]), so the
+//! daemon, `canvas simulate` and `canvas test` share it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use chrono::Utc;
+use serde_json::json;
+
+use crate::eval::{self, Scope};
+use crate::executor::{self, Ctx, Input, Transition};
+use crate::flow::{CompiledFlow, Trigger};
+use crate::policy::Policy;
+use crate::registry::Registry;
+use crate::state::{
+    Batch, CallResult, Customer, CustomerState, Enrolment, Event, FlowVersion, InboxItem,
+    OutboxKind, OutboxRow, ProfileUpdate, Run, RunStatus, Time,
+};
+use crate::store::{Result, Store};
+
+/// The flows a runtime knows: the current version of each, and every version that runs may
+/// still be pinned to.
+#[derive(Debug, Default, Clone)]
+pub struct FlowSet {
+    current: BTreeMap<String, Arc<CompiledFlow>>,
+    versions: HashMap<String, Arc<CompiledFlow>>,
+    /// Event name → flows it starts.
+    by_event: HashMap<String, Vec<Arc<CompiledFlow>>>,
+}
+
+impl FlowSet {
+    pub fn new(flows: impl IntoIterator<Item = CompiledFlow>) -> FlowSet {
+        let mut set = FlowSet::default();
+        for f in flows {
+            set.add(f);
+        }
+        set
+    }
+
+    /// Make `flow` the current version of its id; older versions stay for pinned runs.
+    pub fn add(&mut self, flow: CompiledFlow) {
+        let flow = Arc::new(flow);
+        self.versions.insert(flow.hash.0.clone(), flow.clone());
+        self.current.insert(flow.id.clone(), flow);
+        self.by_event.clear();
+        for f in self.current.values() {
+            if let Trigger::Event { name, .. } = &f.trigger {
+                self.by_event.entry(name.clone()).or_default().push(f.clone());
+            }
+        }
+    }
+
+    pub fn current(&self) -> impl Iterator<Item = &Arc<CompiledFlow>> {
+        self.current.values()
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Arc<CompiledFlow>> {
+        self.current.get(id)
+    }
+
+    pub fn version(&self, hash: &str) -> Option<&Arc<CompiledFlow>> {
+        self.versions.get(hash)
+    }
+
+    fn started_by(&self, event: &str) -> &[Arc<CompiledFlow>] {
+        self.by_event.get(event).map(Vec::as_slice).unwrap_or(&[])
+    }
+}
+
+/// What a round of work did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Stats {
+    /// Inbox items applied.
+    pub items: u64,
+    /// Runs started.
+    pub started: u64,
+    /// Steps executed and checkpointed (history rows).
+    pub transitions: u64,
+    /// Outbox rows written.
+    pub outbox: u64,
+    pub commits: u64,
+    /// `call` rows written this round, for a caller that answers calls in-process.
+    pub calls: Vec<OutboxRow>,
+}
+
+impl Stats {
+    pub fn add(&mut self, other: Stats) {
+        self.items += other.items;
+        self.started += other.started;
+        self.transitions += other.transitions;
+        self.outbox += other.outbox;
+        self.commits += other.commits;
+        self.calls.extend(other.calls);
+    }
+}
+
+/// The runtime over one store.
+pub struct Runtime<S> {
+    pub store: S,
+    pub flows: FlowSet,
+    pub policy: Policy,
+    pub registry: Registry,
+    /// Customers per transaction.
+    pub batch_size: usize,
+}
+
+impl<S: Store> Runtime<S> {
+    pub fn new(store: S, flows: FlowSet, policy: Policy, registry: Registry) -> Runtime<S> {
+        Runtime { store, flows, policy, registry, batch_size: 1000 }
+    }
+
+    /// Record the current flow versions.
+    pub async fn register_versions(&self, now: Time) -> Result<()> {
+        let versions: Vec<FlowVersion> = self
+            .flows
+            .current()
+            .map(|f| FlowVersion {
+                flow: f.id.clone(),
+                version: f.hash.0.clone(),
+                source: f.source.display().to_string(),
+                created_at: now,
+            })
+            .collect();
+        self.store.put_flow_versions(&versions).await
+    }
+
+    /// Apply every pending inbox item, in order, a batch of items per transaction.
+    pub async fn process_inbox(&self, now: Time) -> Result<Stats> {
+        let mut stats = Stats::default();
+        while let Some(round) = self.process_inbox_batch(now).await? {
+            stats.add(round);
+        }
+        Ok(stats)
+    }
+
+    /// Apply one batch of pending inbox items in one transaction; `None` when none are left.
+    pub async fn process_inbox_batch(&self, now: Time) -> Result<Option<Stats>> {
+        {
+            let pending = self.store.inbox_pending(self.batch_size).await?;
+            if pending.is_empty() {
+                return Ok(None);
+            }
+            let ids = unique(pending.iter().map(|(_, i)| i.customer_id()));
+            let mut work = self.load(&ids, now).await?;
+            for (seq, item) in &pending {
+                let mut cs = work.entry(item.customer_id(), now);
+                match item {
+                    InboxItem::Event(e) => self.on_event(&mut cs, e, now),
+                    InboxItem::Profile(p) => self.on_profile(&mut cs, p, now),
+                    InboxItem::CallResult(c) => self.on_call_result(&mut cs, c, now),
+                }
+                work.batch.inbox_done.push(*seq);
+                work.stats.items += 1;
+            }
+            Ok(Some(self.commit(work).await?))
+        }
+    }
+
+    /// Fire every timer due at `now`.
+    pub async fn fire_due(&self, now: Time) -> Result<Stats> {
+        let mut stats = Stats::default();
+        while let Some(round) = self.fire_due_batch(now).await? {
+            let progressed = round.transitions > 0;
+            stats.add(round);
+            if !progressed {
+                // Only runs the runtime cannot move (a version it does not know): stop
+                // rather than spin; `on_timers` reports them.
+                break;
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Fire the timers of one batch of due customers in one transaction; `None` when no
+    /// timer is due.
+    pub async fn fire_due_batch(&self, now: Time) -> Result<Option<Stats>> {
+        let ids = self.store.due(now, self.batch_size).await?;
+        if ids.is_empty() {
+            return Ok(None);
+        }
+        let mut work = self.load(&ids, now).await?;
+        for id in &ids {
+            let mut cs = work.entry(id, now);
+            self.on_timers(&mut cs, now);
+        }
+        Ok(Some(self.commit(work).await?))
+    }
+
+    /// Enter the audience of every schedule whose cron fires in `(after, now]`, and recheck
+    /// segments whose period has come round; `after` is the previous tick.
+    pub async fn tick(&self, after: Time, now: Time) -> Result<Stats> {
+        let mut due: Vec<Arc<CompiledFlow>> = Vec::new();
+        for flow in self.flows.current() {
+            match &flow.trigger {
+                Trigger::Schedule { cron, .. } => {
+                    if next_cron(flow, &cron.cron, after).is_some_and(|t| t <= now) {
+                        due.push(flow.clone());
+                    }
+                }
+                Trigger::Segment { recheck, .. } => {
+                    if next_recheck(recheck.as_secs(), after) <= now {
+                        due.push(flow.clone());
+                    }
+                }
+                Trigger::Event { .. } => {}
+            }
+        }
+        if due.is_empty() {
+            return Ok(Stats::default());
+        }
+        self.scan(&due, now).await
+    }
+
+    /// The next moment something is due after `after`: a timer, a schedule, a segment recheck.
+    pub async fn next_due(&self, after: Time) -> Result<Option<Time>> {
+        let mut next = self.store.next_wake(after).await?;
+        for flow in self.flows.current() {
+            let t = match &flow.trigger {
+                Trigger::Schedule { cron, .. } => next_cron(flow, &cron.cron, after),
+                Trigger::Segment { recheck, .. } => Some(next_recheck(recheck.as_secs(), after)),
+                Trigger::Event { .. } => None,
+            };
+            next = match (next, t) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        Ok(next)
+    }
+
+    /// Evaluate schedule audiences and segment conditions of `flows` for every customer.
+    async fn scan(&self, flows: &[Arc<CompiledFlow>], now: Time) -> Result<Stats> {
+        let mut stats = Stats::default();
+        let mut after: Option<String> = None;
+        loop {
+            let ids = self.store.customer_ids(after.as_deref(), self.batch_size).await?;
+            let Some(last) = ids.last().cloned() else { return Ok(stats) };
+            let mut work = self.load(&ids, now).await?;
+            for id in &ids {
+                let mut cs = work.entry(id, now);
+                for flow in flows {
+                    match &flow.trigger {
+                        Trigger::Schedule { audience, .. } => {
+                            let member = match audience {
+                                None => true,
+                                Some(a) => holds(&self.policy, flow, &cs.loaded.customer, a, None, now),
+                            };
+                            if member {
+                                self.start(&mut cs, flow, None, now);
+                            }
+                        }
+                        Trigger::Segment { .. } => self.segment_edge(&mut cs, flow, now),
+                        Trigger::Event { .. } => {}
+                    }
+                }
+            }
+            stats.add(self.commit(work).await?);
+            after = Some(last);
+        }
+    }
+
+    async fn load(&self, ids: &[String], now: Time) -> Result<Work> {
+        let states = self.store.load(ids, now).await?;
+        let mut work = Work::default();
+        for st in states {
+            work.customers.insert(st.customer.id.clone(), Loaded::from(st));
+        }
+        Ok(work)
+    }
+
+    /// Write a round in one transaction.
+    async fn commit(&self, mut work: Work) -> Result<Stats> {
+        for (_, l) in work.customers {
+            if l.customer_dirty {
+                work.batch.customers.push(l.customer);
+            }
+            for (run, dirty) in l.runs.into_iter().chain(l.converting) {
+                if dirty {
+                    work.batch.runs.push(run);
+                }
+            }
+            for (e, dirty) in l.enrolments.into_values() {
+                if dirty {
+                    work.batch.enrolments.push(e);
+                }
+            }
+        }
+        let mut stats = work.stats;
+        stats.transitions = work.batch.history.len() as u64;
+        stats.outbox = work.batch.outbox.len() as u64;
+        stats.calls = work.batch.outbox.iter().filter(|o| o.kind == OutboxKind::Call).cloned().collect();
+        if !work.batch.is_empty() {
+            self.store.commit(&work.batch).await?;
+            stats.commits = 1;
+        }
+        Ok(stats)
+    }
+
+    fn ctx<'a>(&'a self, flow: &'a CompiledFlow, now: Time) -> Ctx<'a> {
+        Ctx { flow, policy: &self.policy, registry: &self.registry, now }
+    }
+
+    fn on_event(&self, cs: &mut Slot<'_>, event: &Event, now: Time) {
+        // Runs already going (and ended runs whose goal window is open) see the event first,
+        // so a run started by this very event does not count it as its goal.
+        let loaded = &mut *cs.loaded;
+        for i in 0..loaded.runs.len() + loaded.converting.len() {
+            let (run, dirty) = if i < loaded.runs.len() {
+                &mut loaded.runs[i]
+            } else {
+                &mut loaded.converting[i - loaded.runs.len()]
+            };
+            let Some(flow) = self.flows.version(&run.version) else {
+                continue;
+            };
+            let tr = executor::step(&self.ctx(flow, now), run, &mut loaded.customer, Input::Event(event));
+            absorb(tr, dirty, &mut loaded.customer_dirty, cs.batch);
+        }
+        loaded.settle();
+        for flow in self.flows.started_by(&event.name) {
+            if let Trigger::Event { condition: Some(c), .. } = &flow.trigger {
+                if !holds(&self.policy, flow, &cs.loaded.customer, c, Some(event), now) {
+                    continue;
+                }
+            }
+            self.start(cs, flow, Some(event), now);
+        }
+    }
+
+    fn on_profile(&self, cs: &mut Slot<'_>, update: &ProfileUpdate, now: Time) {
+        let loaded = &mut *cs.loaded;
+        for (k, v) in &update.set {
+            if v.is_null() {
+                loaded.customer.attributes.remove(k);
+            } else {
+                loaded.customer.attributes.insert(k.clone(), v.clone());
+            }
+        }
+        if let Some(tz) = &update.timezone {
+            loaded.customer.timezone = Some(tz.clone());
+        }
+        loaded.customer.updated_at = now;
+        loaded.customer_dirty = true;
+        for (run, dirty) in &mut loaded.runs {
+            let Some(flow) = self.flows.version(&run.version) else {
+                continue;
+            };
+            let tr = executor::step(&self.ctx(flow, now), run, &mut loaded.customer, Input::Profile);
+            absorb(tr, dirty, &mut loaded.customer_dirty, cs.batch);
+        }
+        loaded.settle();
+        for flow in self.flows.current() {
+            if matches!(flow.trigger, Trigger::Segment { .. }) {
+                self.segment_edge(cs, flow, now);
+            }
+        }
+    }
+
+    fn on_call_result(&self, cs: &mut Slot<'_>, result: &CallResult, now: Time) {
+        let loaded = &mut *cs.loaded;
+        let Some((run, dirty)) = loaded.runs.iter_mut().find(|(r, _)| r.id == result.run_id) else {
+            tracing::warn!(run = %result.run_id, "call result for a run that is not waiting; dropped");
+            return;
+        };
+        let Some(flow) = self.flows.version(&run.version) else {
+            return;
+        };
+        let input = Input::CallResult { step: &result.step, response: &result.response };
+        let tr = executor::step(&self.ctx(flow, now), run, &mut loaded.customer, input);
+        absorb(tr, dirty, &mut loaded.customer_dirty, cs.batch);
+        loaded.settle();
+    }
+
+    fn on_timers(&self, cs: &mut Slot<'_>, now: Time) {
+        let loaded = &mut *cs.loaded;
+        for (run, dirty) in &mut loaded.runs {
+            if run.wake_at.is_none_or(|w| w > now) {
+                continue;
+            }
+            let Some(flow) = self.flows.version(&run.version) else {
+                tracing::error!(run = %run.id, version = %run.version, "run is pinned to a flow version this process has not loaded");
+                continue;
+            };
+            let tr = executor::step(&self.ctx(flow, now), run, &mut loaded.customer, Input::Timer);
+            absorb(tr, dirty, &mut loaded.customer_dirty, cs.batch);
+        }
+        loaded.settle();
+    }
+
+    /// Segment triggers enter on the edge from outside to inside.
+    fn segment_edge(&self, cs: &mut Slot<'_>, flow: &Arc<CompiledFlow>, now: Time) {
+        let Trigger::Segment { condition, .. } = &flow.trigger else {
+            return;
+        };
+        let inside = holds(&self.policy, flow, &cs.loaded.customer, condition, None, now);
+        let was = cs.loaded.enrolments.get(&flow.id).is_some_and(|(e, _)| e.in_segment);
+        if inside != was {
+            let (e, dirty) = cs.loaded.enrolment(&flow.id);
+            e.in_segment = inside;
+            *dirty = true;
+        }
+        if inside && !was {
+            self.start(cs, flow, None, now);
+        }
+    }
+
+    fn start(&self, cs: &mut Slot<'_>, flow: &Arc<CompiledFlow>, event: Option<&Event>, now: Time) {
+        let loaded = &mut *cs.loaded;
+        let customer_id = loaded.customer.id.clone();
+        let (enrolment, enrolment_dirty) = loaded.enrolment(&flow.id);
+        if executor::may_enter(flow, Some(enrolment), now).is_err() {
+            return;
+        }
+        let mut run = executor::new_run(flow, &customer_id, enrolment.entries, event, now);
+        enrolment.entries += 1;
+        enrolment.last_entered_at = Some(now);
+        enrolment.active_run = Some(run.id.clone());
+        *enrolment_dirty = true;
+        let tr = executor::step(&self.ctx(flow, now), &mut run, &mut loaded.customer, Input::Start);
+        let mut dirty = true;
+        absorb(tr, &mut dirty, &mut loaded.customer_dirty, cs.batch);
+        loaded.runs.push((run, true));
+        loaded.settle();
+        cs.stats.started += 1;
+    }
+}
+
+/// Whether a trigger condition, audience or segment holds for a customer; a condition that
+/// cannot be evaluated for this customer (a missing attribute) does not hold.
+fn holds(policy: &Policy, flow: &CompiledFlow, customer: &Customer, expr: &crate::expr::Expr, event: Option<&Event>, now: Time) -> bool {
+    let mut profile = customer.attributes.clone();
+    profile.insert("id".into(), json!(customer.id));
+    let event = event.map(Event::to_json);
+    let scope = Scope {
+        customer: &profile,
+        event: event.as_ref(),
+        vars: None,
+        flow: None,
+        now,
+        tz: executor::customer_tz(customer, policy),
+    };
+    match eval::eval_bool(expr, &scope) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::debug!(flow = %flow.id, customer = %customer.id, "condition is not true: {e}");
+            false
+        }
+    }
+}
+
+/// The customers of one round, and what the round writes.
+#[derive(Default)]
+struct Work {
+    customers: HashMap<String, Loaded>,
+    batch: Batch,
+    stats: Stats,
+}
+
+impl Work {
+    fn entry(&mut self, id: &str, now: Time) -> Slot<'_> {
+        let loaded = self
+            .customers
+            .entry(id.to_owned())
+            .or_insert_with(|| Loaded::new(Customer::new(id, now)));
+        Slot { loaded, batch: &mut self.batch, stats: &mut self.stats }
+    }
+}
+
+/// A customer's state in memory during a round; the flags say what must be written.
+struct Loaded {
+    customer: Customer,
+    customer_dirty: bool,
+    runs: Vec<(Run, bool)>,
+    converting: Vec<(Run, bool)>,
+    enrolments: HashMap<String, (Enrolment, bool)>,
+}
+
+impl Loaded {
+    fn new(customer: Customer) -> Loaded {
+        Loaded { customer, customer_dirty: true, runs: Vec::new(), converting: Vec::new(), enrolments: HashMap::new() }
+    }
+
+    fn enrolment(&mut self, flow: &str) -> (&mut Enrolment, &mut bool) {
+        let customer_id = self.customer.id.clone();
+        let (e, d) = self.enrolments.entry(flow.to_owned()).or_insert_with(|| {
+            (
+                Enrolment { flow: flow.to_owned(), customer_id, entries: 0, last_entered_at: None, active_run: None, in_segment: false },
+                true,
+            )
+        });
+        (e, d)
+    }
+
+    /// Move runs that ended out of the waiting list; free their enrolment.
+    fn settle(&mut self) {
+        let mut i = 0;
+        while i < self.runs.len() {
+            if self.runs[i].0.status == RunStatus::Ended {
+                let (run, dirty) = self.runs.remove(i);
+                if let Some((e, d)) = self.enrolments.get_mut(&run.flow) {
+                    if e.active_run.as_deref() == Some(run.id.as_str()) {
+                        e.active_run = None;
+                        *d = true;
+                    }
+                }
+                self.converting.push((run, dirty));
+            } else {
+                i += 1;
+            }
+        }
+    }
+}
+
+impl From<CustomerState> for Loaded {
+    fn from(st: CustomerState) -> Loaded {
+        Loaded {
+            customer: st.customer,
+            customer_dirty: false,
+            runs: st.runs.into_iter().map(|r| (r, false)).collect(),
+            converting: st.converting.into_iter().map(|r| (r, false)).collect(),
+            enrolments: st.enrolments.into_iter().map(|e| (e.flow.clone(), (e, false))).collect(),
+        }
+    }
+}
+
+struct Slot<'a> {
+    loaded: &'a mut Loaded,
+    batch: &'a mut Batch,
+    stats: &'a mut Stats,
+}
+
+fn absorb(tr: Transition, dirty: &mut bool, customer_dirty: &mut bool, batch: &mut Batch) {
+    if tr.customer_changed {
+        *customer_dirty = true;
+    }
+    if tr.is_empty() {
+        return;
+    }
+    *dirty = true;
+    batch.history.extend(tr.history);
+    batch.outbox.extend(tr.outbox);
+    batch.conversions.extend(tr.conversion);
+}
+
+fn unique<'a>(ids: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    ids.filter(|id| seen.insert(*id)).map(str::to_owned).collect()
+}
+
+fn next_cron(flow: &CompiledFlow, cron: &croner::Cron, after: Time) -> Option<Time> {
+    let local = after.with_timezone(&flow.timezone);
+    cron.find_next_occurrence(&local, false).ok().map(|t| t.with_timezone(&Utc))
+}
+
+/// Segment rechecks fall on multiples of the period since the epoch, so every process and
+/// every simulation agrees on when they happen.
+fn next_recheck(period_secs: u64, after: Time) -> Time {
+    let p = i64::try_from(period_secs.max(60)).unwrap_or(i64::MAX);
+    let t = after.timestamp();
+    let next = (t.div_euclid(p) + 1) * p;
+    chrono::DateTime::from_timestamp(next, 0).unwrap_or(after)
+}
+

@@ -1,0 +1,417 @@
+//! Scripted customer timelines in virtual time: the input of `canvas simulate` and of flow
+//! tests (`*.test.yaml`, see [`crate::testing`]). A scenario runs through the same runtime,
+//! executor and store code as the daemon, on an in-memory SQLite database, with a virtual
+//! clock that jumps from one due moment to the next.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, FixedOffset, Offset};
+use serde::Deserialize;
+use serde_json::{Map, Value as Json};
+
+use crate::clock::{Clock, VirtualClock};
+use crate::de::{self, DecodeError, Spanned};
+use crate::flow::CompiledFlow;
+use crate::policy::Policy;
+use crate::registry::Registry;
+use crate::runtime::{FlowSet, Runtime, Stats};
+use crate::state::{CallResult, Event, InboxItem, ProfileUpdate, Time};
+use crate::store::{SqliteStore, Store, StoreError};
+use crate::yaml::{self, Span};
+
+/// The longest a scenario may cover; a year of virtual time is plenty for any journey.
+pub const MAX_SPAN_DAYS: i64 = 3 * 366;
+/// At most this many scripted items (customers + events + profile updates) per file.
+pub const MAX_ITEMS: usize = 100_000;
+
+/// A problem with a scenario or test file, at a position in it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}:{}:{}: {message}", file.display(), span.start.line, span.start.col + 1)]
+pub struct FileError {
+    pub file: PathBuf,
+    pub span: Span,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    File(Vec<FileError>),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawScenario {
+    /// The flow under test; `canvas simulate FLOW` may give it instead.
+    #[serde(default)]
+    pub flow: Option<Spanned<String>>,
+    /// Further flows active in the scenario (they share caps and quiet hours).
+    #[serde(default)]
+    pub also: Vec<Spanned<String>>,
+    pub start: Spanned<String>,
+    pub run_until: Spanned<String>,
+    #[serde(default)]
+    pub customers: Vec<RawCustomer>,
+    #[serde(default)]
+    pub events: Vec<RawEvent>,
+    #[serde(default)]
+    pub profiles: Vec<RawProfile>,
+    /// Webhook name → the response its `call` steps get (default `{}`).
+    #[serde(default)]
+    pub calls: BTreeMap<String, Json>,
+    #[serde(default)]
+    pub expect: Vec<crate::testing::RawExpect>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCustomer {
+    pub id: Spanned<String>,
+    #[serde(default)]
+    pub timezone: Option<Spanned<String>>,
+    #[serde(default)]
+    pub attributes: Map<String, Json>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawEvent {
+    pub at: Spanned<String>,
+    pub customer: Spanned<String>,
+    pub name: Spanned<String>,
+    #[serde(default)]
+    pub data: Json,
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawProfile {
+    pub at: Spanned<String>,
+    pub customer: Spanned<String>,
+    #[serde(default)]
+    pub set: Map<String, Json>,
+    #[serde(default)]
+    pub timezone: Option<String>,
+}
+
+/// A parsed scenario, times resolved.
+#[derive(Debug)]
+pub struct Scenario {
+    pub file: PathBuf,
+    pub flow: Spanned<String>,
+    pub also: Vec<Spanned<String>>,
+    pub start: Time,
+    pub until: Time,
+    /// Customers, then events and profile updates, in time order (stable for equal times).
+    pub timeline: Vec<(Time, InboxItem)>,
+    pub customer_ids: Vec<String>,
+    /// Offsets the file wrote times in, by customer (for showing times back the same way).
+    pub offsets: BTreeMap<String, FixedOffset>,
+    pub default_offset: FixedOffset,
+    pub calls: BTreeMap<String, Json>,
+    pub(crate) expect: Vec<crate::testing::RawExpect>,
+}
+
+/// Parse a time the way operators write it in a test: RFC 3339, seconds optional, an offset
+/// or `Z` required (`2026-03-14T09:00+08:00`).
+pub fn parse_time(text: &str) -> Result<DateTime<FixedOffset>, String> {
+    let t = text.trim();
+    if let Ok(d) = DateTime::parse_from_rfc3339(t) {
+        return Ok(d);
+    }
+    let normal = match t.strip_suffix('Z').or_else(|| t.strip_suffix('z')) {
+        Some(rest) => format!("{rest}+00:00"),
+        None => t.to_owned(),
+    };
+    for fmt in ["%Y-%m-%dT%H:%M%:z", "%Y-%m-%d %H:%M%:z", "%Y-%m-%d %H:%M:%S%:z"] {
+        if let Ok(d) = DateTime::parse_from_str(&normal, fmt) {
+            return Ok(d);
+        }
+    }
+    let looks_local = chrono::NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M").is_ok()
+        || chrono::NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S").is_ok()
+        || chrono::NaiveDate::parse_from_str(t, "%Y-%m-%d").is_ok();
+    if looks_local {
+        Err(format!("`{t}` needs a time and an offset, e.g. `2026-03-14T09:00+08:00`"))
+    } else {
+        Err(format!("`{t}` is not a time; write e.g. `2026-03-14T09:00+08:00`"))
+    }
+}
+
+struct Errors {
+    file: PathBuf,
+    list: Vec<FileError>,
+}
+
+impl Errors {
+    fn at(&mut self, span: Span, message: impl Into<String>) {
+        self.list.push(FileError { file: self.file.clone(), span, message: message.into() });
+    }
+
+    fn time(&mut self, s: &Spanned<String>) -> Option<DateTime<FixedOffset>> {
+        match parse_time(&s.value) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.at(s.span, e);
+                None
+            }
+        }
+    }
+}
+
+/// Read a scenario or test file; `flow` names the flow when the file does not.
+pub fn load(path: &Path, flow: Option<&str>) -> Result<Scenario, ScenarioError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ScenarioError::File(vec![FileError { file: path.to_owned(), span: Span::default(), message: format!("cannot read: {e}") }])
+    })?;
+    parse(path, &text, flow)
+}
+
+/// Parse a scenario or test file's text.
+pub fn parse(path: &Path, text: &str, flow: Option<&str>) -> Result<Scenario, ScenarioError> {
+    let mut errs = Errors { file: path.to_owned(), list: Vec::new() };
+    let doc = match yaml::parse(text, &yaml::Limits::default()) {
+        Ok(d) => d,
+        Err(e) => {
+            errs.at(e.span().unwrap_or_default(), e.to_string());
+            return Err(ScenarioError::File(errs.list));
+        }
+    };
+    for d in &doc.duplicate_keys {
+        errs.at(d.again, format!("`{}` is written twice", d.key));
+    }
+    let (raw, decode_errors) = de::decode::<RawScenario>(&doc.root);
+    for e in decode_errors {
+        errs.at(e.span.unwrap_or_default(), describe(&e));
+    }
+    let Some(raw) = raw else {
+        return Err(ScenarioError::File(errs.list));
+    };
+    let flow_id = match (&raw.flow, flow) {
+        (Some(f), Some(want)) if f.value != want => {
+            errs.at(f.span, format!("this timeline is for `{}`, not `{want}`", f.value));
+            None
+        }
+        (Some(f), _) => Some(f.clone()),
+        (None, Some(want)) => Some(Spanned { span: Span::default(), value: want.to_owned() }),
+        (None, None) => {
+            errs.at(doc.root.span, "missing key `flow`: the id of the flow under test");
+            None
+        }
+    };
+    let start = errs.time(&raw.start);
+    let until = errs.time(&raw.run_until);
+    let mut timeline: Vec<(Time, InboxItem)> = Vec::new();
+    let mut ids = Vec::new();
+    let mut offsets = BTreeMap::new();
+    let default_offset = start.map(|s| *s.offset()).unwrap_or_else(|| chrono::Utc.fix());
+    if raw.customers.len() + raw.events.len() + raw.profiles.len() > MAX_ITEMS {
+        errs.at(raw.start.span, format!("a scenario holds at most {MAX_ITEMS} customers, events and profile updates"));
+    }
+    if let (Some(s), Some(u)) = (start, until) {
+        if u <= s {
+            errs.at(raw.run_until.span, "`run_until` must be after `start`");
+        } else if (u - s).num_days() > MAX_SPAN_DAYS {
+            errs.at(raw.run_until.span, format!("a scenario covers at most {MAX_SPAN_DAYS} days"));
+        }
+    }
+    let start_utc = start.map(|s| s.to_utc());
+    for c in &raw.customers {
+        if ids.contains(&c.id.value) {
+            errs.at(c.id.span, format!("customer `{}` is listed twice", c.id.value));
+            continue;
+        }
+        if let Some(tz) = &c.timezone {
+            if tz.value.parse::<chrono_tz::Tz>().is_err() {
+                errs.at(tz.span, format!("`{}` is not an IANA time zone", tz.value));
+            }
+        }
+        ids.push(c.id.value.clone());
+        if let Some(s) = start_utc {
+            timeline.push((
+                s,
+                InboxItem::Profile(ProfileUpdate {
+                    customer_id: c.id.value.clone(),
+                    set: c.attributes.clone(),
+                    timezone: c.timezone.as_ref().map(|t| t.value.clone()),
+                    at: s,
+                }),
+            ));
+        }
+    }
+    let known = |errs: &mut Errors, c: &Spanned<String>| {
+        if !ids.contains(&c.value) {
+            let hint = crate::diagnostic::did_you_mean(&c.value, ids.iter().map(String::as_str))
+                .map(|s| format!("; did you mean `{s}`?"))
+                .unwrap_or_default();
+            errs.at(c.span, format!("customer `{}` is not under `customers`{hint}", c.value));
+        }
+    };
+    let in_range = |errs: &mut Errors, at: &Spanned<String>, t: DateTime<FixedOffset>| {
+        if let (Some(s), Some(u)) = (start, until) {
+            if t < s || t > u {
+                errs.at(at.span, format!("`{}` is outside the scenario ({} to {})", at.value, raw.start.value, raw.run_until.value));
+            }
+        }
+    };
+    for (n, e) in raw.events.iter().enumerate() {
+        known(&mut errs, &e.customer);
+        let Some(at) = errs.time(&e.at) else { continue };
+        in_range(&mut errs, &e.at, at);
+        offsets.entry(e.customer.value.clone()).or_insert(*at.offset());
+        timeline.push((
+            at.to_utc(),
+            InboxItem::Event(Event {
+                id: e.id.clone().unwrap_or_else(|| format!("{}#{}", path.display(), n + 1)),
+                customer_id: e.customer.value.clone(),
+                name: e.name.value.clone(),
+                data: e.data.clone(),
+                occurred_at: at.to_utc(),
+            }),
+        ));
+    }
+    for p in &raw.profiles {
+        known(&mut errs, &p.customer);
+        let Some(at) = errs.time(&p.at) else { continue };
+        in_range(&mut errs, &p.at, at);
+        timeline.push((
+            at.to_utc(),
+            InboxItem::Profile(ProfileUpdate {
+                customer_id: p.customer.value.clone(),
+                set: p.set.clone(),
+                timezone: p.timezone.clone(),
+                at: at.to_utc(),
+            }),
+        ));
+    }
+    for x in &raw.expect {
+        known(&mut errs, &x.customer);
+    }
+    if !errs.list.is_empty() {
+        return Err(ScenarioError::File(errs.list));
+    }
+    let (Some(start), Some(until), Some(flow)) = (start, until, flow_id) else {
+        return Err(ScenarioError::File(errs.list));
+    };
+    timeline.sort_by_key(|(t, _)| *t);
+    Ok(Scenario {
+        file: path.to_owned(),
+        flow,
+        also: raw.also,
+        start: start.to_utc(),
+        until: until.to_utc(),
+        timeline,
+        customer_ids: ids,
+        offsets,
+        default_offset,
+        calls: raw.calls,
+        expect: raw.expect,
+    })
+}
+
+fn describe(e: &DecodeError) -> String {
+    e.to_string()
+}
+
+/// A scenario after it ran: the store holds every run, history row and outbox row.
+pub struct Outcome<S = SqliteStore> {
+    pub runtime: Runtime<S>,
+    pub stats: Stats,
+}
+
+/// Run a scenario against `flows` (the scenario's `flow` and `also` are picked from them) on
+/// a fresh in-memory SQLite database.
+pub async fn run(
+    scenario: &Scenario,
+    flows: &[&CompiledFlow],
+    policy: Policy,
+    registry: Registry,
+) -> Result<Outcome, ScenarioError> {
+    let store = SqliteStore::memory().await?;
+    run_on(scenario, flows, policy, registry, store).await
+}
+
+/// Run a scenario on a store of the caller's (which should be empty).
+pub async fn run_on<S: Store>(
+    scenario: &Scenario,
+    flows: &[&CompiledFlow],
+    policy: Policy,
+    registry: Registry,
+    store: S,
+) -> Result<Outcome<S>, ScenarioError> {
+    let mut errs = Errors { file: scenario.file.clone(), list: Vec::new() };
+    let mut picked = Vec::new();
+    for want in std::iter::once(&scenario.flow).chain(&scenario.also) {
+        match flows.iter().find(|f| f.id == want.value) {
+            Some(f) => picked.push((*f).clone()),
+            None => {
+                let hint = crate::diagnostic::did_you_mean(&want.value, flows.iter().map(|f| f.id.as_str()))
+                    .map(|s| format!("; did you mean `{s}`?"))
+                    .unwrap_or_default();
+                errs.at(want.span, format!("no valid flow `{}` next to this file{hint}", want.value));
+            }
+        }
+    }
+    if !errs.list.is_empty() {
+        return Err(ScenarioError::File(errs.list));
+    }
+    let runtime = Runtime::new(store, FlowSet::new(picked), policy, registry);
+    let clock = VirtualClock::new(scenario.start);
+    runtime.register_versions(clock.now()).await?;
+    let mut stats = Stats::default();
+    let mut next_item = 0;
+    let mut last_tick = scenario.start - chrono::Duration::milliseconds(1);
+    loop {
+        let now = clock.now();
+        // Everything due at `now`: the inputs of this moment in file order, then schedules
+        // and segments, then timers.
+        let mut items = Vec::new();
+        while next_item < scenario.timeline.len() && scenario.timeline[next_item].0 <= now {
+            items.push(scenario.timeline[next_item].1.clone());
+            next_item += 1;
+        }
+        if !items.is_empty() {
+            runtime.store.enqueue(&items).await?;
+        }
+        let mut round = runtime.process_inbox(now).await?;
+        round.add(runtime.tick(last_tick, now).await?);
+        last_tick = now;
+        round.add(runtime.fire_due(now).await?);
+        // Answer `call` steps with the scripted responses, at once, until none are left.
+        while !round.calls.is_empty() {
+            let answers: Vec<InboxItem> = round
+                .calls
+                .drain(..)
+                .map(|c| {
+                    InboxItem::CallResult(CallResult {
+                        response: scenario.calls.get(&c.channel).cloned().unwrap_or_else(|| Json::Object(Map::new())),
+                        run_id: c.run_id,
+                        customer_id: c.customer_id,
+                        step: c.step,
+                        at: now,
+                    })
+                })
+                .collect();
+            stats.add(std::mem::take(&mut round));
+            runtime.store.enqueue(&answers).await?;
+            round = runtime.process_inbox(now).await?;
+        }
+        stats.add(round);
+        let next_input = scenario.timeline.get(next_item).map(|(t, _)| *t);
+        let next_due = runtime.next_due(now).await?;
+        let next = match (next_input, next_due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        match next {
+            Some(t) if t <= scenario.until => clock.advance_to(t.max(now + chrono::Duration::milliseconds(1))),
+            _ => break,
+        }
+    }
+    Ok(Outcome { runtime, stats })
+}

@@ -1,0 +1,332 @@
+//! The runtime records: customers, events, runs and what a transition writes. These are the
+//! rows the store keeps and the values the pure executor reads and returns.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value as Json};
+
+/// Every instant in the runtime is UTC; customer-local time is computed from a time zone.
+pub type Time = DateTime<Utc>;
+
+/// A past marketing send, kept on the customer for frequency caps across flows.
+pub use crate::policy::SentMark;
+
+/// A customer profile and the little cross-flow state the engine keeps on it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Customer {
+    pub id: String,
+    /// Profile attributes as the CRM sent them (`birthday`, `phone`, `member`, …).
+    pub attributes: Map<String, Json>,
+    /// IANA time zone; `None` uses the engine's default.
+    pub timezone: Option<String>,
+    /// Recent marketing sends, newest last, pruned to the longest cap window.
+    #[serde(default)]
+    pub sends: Vec<SentMark>,
+    /// Cooldown keys → when the customer last passed them (`use: cooldown`).
+    #[serde(default)]
+    pub cooldowns: Map<String, Json>,
+    pub updated_at: Time,
+}
+
+impl Customer {
+    pub fn new(id: impl Into<String>, now: Time) -> Customer {
+        Customer {
+            id: id.into(),
+            attributes: Map::new(),
+            timezone: None,
+            sends: Vec::new(),
+            cooldowns: Map::new(),
+            updated_at: now,
+        }
+    }
+}
+
+/// An event about one customer, as ingested. `id` is unique: a second event with the same id
+/// is a duplicate and is dropped at the inbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub id: String,
+    pub customer_id: String,
+    pub name: String,
+    #[serde(default)]
+    pub data: Json,
+    pub occurred_at: Time,
+}
+
+impl Event {
+    /// The event as expressions and templates see it.
+    pub fn to_json(&self) -> Json {
+        serde_json::json!({
+            "id": self.id,
+            "name": self.name,
+            "data": self.data,
+            "occurred_at": self.occurred_at.to_rfc3339(),
+            "customer_id": self.customer_id,
+        })
+    }
+}
+
+/// A change to a customer's profile, as ingested: `set` replaces attributes (a JSON `null`
+/// removes one), `timezone` replaces the customer's zone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProfileUpdate {
+    pub customer_id: String,
+    #[serde(default)]
+    pub set: Map<String, Json>,
+    #[serde(default)]
+    pub timezone: Option<String>,
+    pub at: Time,
+}
+
+/// Work for one customer, in the order it must be applied.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum InboxItem {
+    Event(Event),
+    Profile(ProfileUpdate),
+    /// The response to a `call` step, fed back by whoever performed the call.
+    CallResult(CallResult),
+}
+
+/// What an internal system answered to a `call`; the run waiting at `step` stores it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallResult {
+    pub run_id: String,
+    pub customer_id: String,
+    pub step: String,
+    /// The response body, or `{"error": "…"}` when the call failed for good.
+    pub response: Json,
+    pub at: Time,
+}
+
+impl InboxItem {
+    pub fn customer_id(&self) -> &str {
+        match self {
+            InboxItem::Event(e) => &e.customer_id,
+            InboxItem::Profile(p) => &p.customer_id,
+            InboxItem::CallResult(c) => &c.customer_id,
+        }
+    }
+
+    pub fn at(&self) -> Time {
+        match self {
+            InboxItem::Event(e) => e.occurred_at,
+            InboxItem::Profile(p) => p.at,
+            InboxItem::CallResult(c) => c.at,
+        }
+    }
+}
+
+/// Where a run is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// Parked at `step` until `wake_at` or until an event arrives.
+    Waiting,
+    /// Finished with an outcome; kept for audit, entry rules and goal attribution.
+    Ended,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Waiting => "waiting",
+            RunStatus::Ended => "ended",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RunStatus> {
+        match s {
+            "waiting" => Some(RunStatus::Waiting),
+            "ended" => Some(RunStatus::Ended),
+            _ => None,
+        }
+    }
+}
+
+/// Whether a run was held out by a `control` split arm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Arm {
+    #[default]
+    Treated,
+    Control,
+}
+
+/// One customer's journey through one version of one flow.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Run {
+    /// `FLOW/CUSTOMER/N`: the customer's N-th entry into the flow. Deterministic, so a
+    /// replayed input after a crash produces the same run, never a second one.
+    pub id: String,
+    pub flow: String,
+    /// The flow version (content hash) the run entered on; it stays on it.
+    pub version: String,
+    pub customer_id: String,
+    pub status: RunStatus,
+    /// The step the run waits at; `None` once ended.
+    pub step: Option<String>,
+    /// When a timer wakes the run (a `wait`, an event timeout, a delayed send).
+    pub wake_at: Option<Time>,
+    /// The event a `wait: { event }` listens for.
+    pub waiting_for: Option<String>,
+    /// Values the run stored (`call` responses, `save_as`).
+    pub vars: Map<String, Json>,
+    /// The latest event the run saw: the one that started it, then each event that resumed
+    /// a `wait: { event }`. It is `event` in step expressions and templates.
+    pub event: Option<Event>,
+    pub arm: Arm,
+    /// The last step that touched the customer (a send or a task), for attribution.
+    pub last_touch: Option<String>,
+    /// Goal conversions count until this moment.
+    pub goal_until: Option<Time>,
+    pub converted_at: Option<Time>,
+    pub outcome: Option<String>,
+    /// Transitions so far; numbers history rows.
+    pub seq: u32,
+    pub entered_at: Time,
+    pub updated_at: Time,
+}
+
+/// A customer's entries into a flow, for entry rules and segment edges.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Enrolment {
+    pub flow: String,
+    pub customer_id: String,
+    pub entries: u32,
+    pub last_entered_at: Option<Time>,
+    /// The run that is still going, if any.
+    pub active_run: Option<String>,
+    /// Whether the customer was inside the segment when last checked (segment triggers enter
+    /// on the edge from outside to inside).
+    pub in_segment: bool,
+}
+
+/// One step executed by a run: the audit trail and the per-node counts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub run_id: String,
+    pub seq: u32,
+    pub flow: String,
+    pub customer_id: String,
+    pub step: String,
+    pub at: Time,
+    /// What happened, in a word: `sent`, `skipped`, `delayed`, `waiting`, `branch`, `ended`…
+    pub action: String,
+    /// The particulars: channel and template, the arm taken, the reason for a skip.
+    pub detail: Json,
+}
+
+/// What an outbox row asks the dispatcher to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutboxKind {
+    Message,
+    Call,
+    Task,
+}
+
+impl OutboxKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutboxKind::Message => "message",
+            OutboxKind::Call => "call",
+            OutboxKind::Task => "task",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<OutboxKind> {
+        match s {
+            "message" => Some(OutboxKind::Message),
+            "call" => Some(OutboxKind::Call),
+            "task" => Some(OutboxKind::Task),
+            _ => None,
+        }
+    }
+}
+
+/// A delivery, written in the same transaction as the transition that produced it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutboxRow {
+    /// `RUN_ID/STEP_ID`: unique; the delivery's idempotency key.
+    pub key: String,
+    pub kind: OutboxKind,
+    pub run_id: String,
+    pub flow: String,
+    pub customer_id: String,
+    pub step: String,
+    /// The channel (`sms`, `email`…), the webhook name for a call, `task` for a task.
+    pub channel: String,
+    /// The address on the channel (phone, e-mail…), when the channel has one.
+    pub address: Option<String>,
+    pub template: Option<String>,
+    /// Rendered content: `{ "subject"?, "text"?, "html"? }` for a message, the request body
+    /// for a call, `{ assign, text, due_at }` for a task.
+    pub payload: Json,
+    pub transactional: bool,
+    pub created_at: Time,
+}
+
+/// A goal reached within its window, attributed to the flow and to the last step that
+/// touched the customer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Conversion {
+    pub run_id: String,
+    pub flow: String,
+    pub version: String,
+    pub customer_id: String,
+    pub arm: Arm,
+    pub last_touch: Option<String>,
+    pub event_id: String,
+    pub at: Time,
+}
+
+/// A compiled flow version, recorded when first seen so runs can name the version they
+/// are pinned to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlowVersion {
+    pub flow: String,
+    pub version: String,
+    pub source: String,
+    pub created_at: Time,
+}
+
+/// Everything a batch of transitions writes, committed in one transaction.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Batch {
+    /// Customers changed by updates, sends (cap marks) or cooldowns; whole rows, upserted.
+    pub customers: Vec<Customer>,
+    /// Runs created or advanced; whole rows, upserted by id.
+    pub runs: Vec<Run>,
+    pub enrolments: Vec<Enrolment>,
+    pub history: Vec<HistoryEntry>,
+    /// Inserted; a row whose key exists already is ignored (idempotent replay).
+    pub outbox: Vec<OutboxRow>,
+    pub conversions: Vec<Conversion>,
+    /// Inbox items now applied (by sequence number from `Store::inbox_pending`).
+    pub inbox_done: Vec<i64>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.customers.is_empty()
+            && self.runs.is_empty()
+            && self.enrolments.is_empty()
+            && self.history.is_empty()
+            && self.outbox.is_empty()
+            && self.conversions.is_empty()
+            && self.inbox_done.is_empty()
+    }
+}
+
+/// What the executor needs to know about a customer: the profile, every run that is still
+/// waiting (in all flows) and the enrolments (for entry rules).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CustomerState {
+    pub customer: Customer,
+    pub runs: Vec<Run>,
+    pub enrolments: Vec<Enrolment>,
+    /// Ended runs whose goal window is still open (control arms and runs that ended early
+    /// still convert).
+    pub converting: Vec<Run>,
+}

@@ -1,0 +1,424 @@
+//! What both backends share: the row shapes they read (one `FromRow` struct per table, the
+//! same column names on both), the conversions between those rows and the records of
+//! [`crate::state`], times as milliseconds, and batch de-duplication.
+
+use std::collections::HashSet;
+use std::hash::Hash;
+
+use chrono::DateTime;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{NodeCount, Result, StoreError};
+use crate::state::{
+    Arm, Conversion, Customer, Enrolment, Event, FlowVersion, HistoryEntry, InboxItem, OutboxKind,
+    OutboxRow, Run, RunStatus, Time,
+};
+
+/// Milliseconds since the Unix epoch: how every time is stored. Sub-millisecond precision is
+/// dropped.
+pub(crate) fn ms(t: Time) -> i64 {
+    t.timestamp_millis()
+}
+
+pub(crate) fn opt_ms(t: Option<Time>) -> Option<i64> {
+    t.map(ms)
+}
+
+pub(crate) fn time(table: &'static str, ms: i64) -> Result<Time> {
+    DateTime::from_timestamp_millis(ms).ok_or_else(|| StoreError::Corrupt {
+        table,
+        message: format!("time {ms} ms is out of range"),
+    })
+}
+
+fn opt_time(table: &'static str, ms: Option<i64>) -> Result<Option<Time>> {
+    ms.map(|ms| time(table, ms)).transpose()
+}
+
+pub(crate) fn arm_str(arm: Arm) -> &'static str {
+    match arm {
+        Arm::Treated => "treated",
+        Arm::Control => "control",
+    }
+}
+
+fn arm(table: &'static str, s: &str) -> Result<Arm> {
+    match s {
+        "treated" => Ok(Arm::Treated),
+        "control" => Ok(Arm::Control),
+        _ => Err(corrupt(table, format!("unknown arm `{s}`"))),
+    }
+}
+
+fn corrupt(table: &'static str, message: String) -> StoreError {
+    StoreError::Corrupt { table, message }
+}
+
+/// Serialize a value to JSON text for a JSON column.
+pub(crate) fn to_json<T: Serialize + ?Sized>(table: &'static str, value: &T) -> Result<String> {
+    serde_json::to_string(value).map_err(|e| corrupt(table, format!("cannot encode JSON: {e}")))
+}
+
+fn from_json<T: DeserializeOwned>(table: &'static str, text: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| corrupt(table, format!("bad JSON: {e}")))
+}
+
+fn u32_of(table: &'static str, column: &str, v: i64) -> Result<u32> {
+    u32::try_from(v).map_err(|_| corrupt(table, format!("{column} {v} is out of range")))
+}
+
+/// The items to write for upserts keyed by `key`: when a batch names the same row twice, the
+/// last one wins (Postgres rejects an upsert that touches a row twice). Order is kept.
+pub(crate) fn last_wins<'a, T, K: Hash + Eq + 'a>(
+    items: &'a [T],
+    key: impl Fn(&'a T) -> K,
+) -> Vec<&'a T> {
+    let mut seen = HashSet::with_capacity(items.len());
+    let mut out: Vec<&T> = items
+        .iter()
+        .rev()
+        .filter(|&t| seen.insert(key(t)))
+        .collect();
+    out.reverse();
+    out
+}
+
+/// The inbox's dedupe key of an item: an event's id; `call:RUN_ID/STEP` for a call result
+/// (the outbox key of the call, so a result fed back twice is applied once); none for a
+/// profile update.
+pub(crate) fn dedupe_key(item: &InboxItem) -> Option<String> {
+    match item {
+        InboxItem::Event(e) => Some(e.id.clone()),
+        InboxItem::Profile(_) => None,
+        InboxItem::CallResult(c) => Some(format!("call:{}/{}", c.run_id, c.step)),
+    }
+}
+
+/// The wall clock, for audit columns only (`inbox.applied_at`).
+pub(crate) fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct CustomerRow {
+    pub id: String,
+    pub attributes: String,
+    pub timezone: Option<String>,
+    pub sends: String,
+    pub cooldowns: String,
+    pub updated_at: i64,
+}
+
+impl CustomerRow {
+    pub fn into_customer(self) -> Result<Customer> {
+        const T: &str = "customers";
+        Ok(Customer {
+            id: self.id,
+            attributes: from_json(T, &self.attributes)?,
+            timezone: self.timezone,
+            sends: from_json(T, &self.sends)?,
+            cooldowns: from_json(T, &self.cooldowns)?,
+            updated_at: time(T, self.updated_at)?,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct InboxRow {
+    pub seq: i64,
+    pub item: String,
+}
+
+impl InboxRow {
+    pub fn into_item(self) -> Result<(i64, InboxItem)> {
+        Ok((self.seq, from_json("inbox", &self.item)?))
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct FlowVersionRow {
+    pub flow: String,
+    pub version: String,
+    pub source: String,
+    pub created_at: i64,
+}
+
+impl FlowVersionRow {
+    pub fn into_version(self) -> Result<FlowVersion> {
+        Ok(FlowVersion {
+            flow: self.flow,
+            version: self.version,
+            source: self.source,
+            created_at: time("flow_versions", self.created_at)?,
+        })
+    }
+}
+
+/// The columns of `runs`, in the order the write statements bind them.
+pub(crate) const RUN_COLUMNS: &str = "id, flow, version, customer_id, status, step, wake_at, \
+     waiting_for, vars, event, arm, last_touch, goal_until, converted_at, outcome, seq, \
+     entered_at, updated_at";
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct RunRow {
+    pub id: String,
+    pub flow: String,
+    pub version: String,
+    pub customer_id: String,
+    pub status: String,
+    pub step: Option<String>,
+    pub wake_at: Option<i64>,
+    pub waiting_for: Option<String>,
+    pub vars: String,
+    pub event: Option<String>,
+    pub arm: String,
+    pub last_touch: Option<String>,
+    pub goal_until: Option<i64>,
+    pub converted_at: Option<i64>,
+    pub outcome: Option<String>,
+    pub seq: i64,
+    pub entered_at: i64,
+    pub updated_at: i64,
+}
+
+impl RunRow {
+    pub fn into_run(self) -> Result<Run> {
+        const T: &str = "runs";
+        let status = RunStatus::parse(&self.status)
+            .ok_or_else(|| corrupt(T, format!("unknown status `{}`", self.status)))?;
+        let event: Option<Event> = match &self.event {
+            Some(text) => Some(from_json(T, text)?),
+            None => None,
+        };
+        Ok(Run {
+            id: self.id,
+            flow: self.flow,
+            version: self.version,
+            customer_id: self.customer_id,
+            status,
+            step: self.step,
+            wake_at: opt_time(T, self.wake_at)?,
+            waiting_for: self.waiting_for,
+            vars: from_json(T, &self.vars)?,
+            event,
+            arm: arm(T, &self.arm)?,
+            last_touch: self.last_touch,
+            goal_until: opt_time(T, self.goal_until)?,
+            converted_at: opt_time(T, self.converted_at)?,
+            outcome: self.outcome,
+            seq: u32_of(T, "seq", self.seq)?,
+            entered_at: time(T, self.entered_at)?,
+            updated_at: time(T, self.updated_at)?,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct EnrolmentRow {
+    pub flow: String,
+    pub customer_id: String,
+    pub entries: i64,
+    pub last_entered_at: Option<i64>,
+    pub active_run: Option<String>,
+    pub in_segment: bool,
+}
+
+impl EnrolmentRow {
+    pub fn into_enrolment(self) -> Result<Enrolment> {
+        const T: &str = "enrolments";
+        Ok(Enrolment {
+            flow: self.flow,
+            customer_id: self.customer_id,
+            entries: u32_of(T, "entries", self.entries)?,
+            last_entered_at: opt_time(T, self.last_entered_at)?,
+            active_run: self.active_run,
+            in_segment: self.in_segment,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct HistoryRow {
+    pub run_id: String,
+    pub seq: i64,
+    pub flow: String,
+    pub customer_id: String,
+    pub step: String,
+    pub at: i64,
+    pub action: String,
+    pub detail: String,
+}
+
+impl HistoryRow {
+    pub fn into_entry(self) -> Result<HistoryEntry> {
+        const T: &str = "history";
+        Ok(HistoryEntry {
+            run_id: self.run_id,
+            seq: u32_of(T, "seq", self.seq)?,
+            flow: self.flow,
+            customer_id: self.customer_id,
+            step: self.step,
+            at: time(T, self.at)?,
+            action: self.action,
+            detail: from_json(T, &self.detail)?,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct OutboxDbRow {
+    pub key: String,
+    pub kind: String,
+    pub run_id: String,
+    pub flow: String,
+    pub customer_id: String,
+    pub step: String,
+    pub channel: String,
+    pub address: Option<String>,
+    pub template: Option<String>,
+    pub payload: String,
+    pub transactional: bool,
+    pub created_at: i64,
+}
+
+impl OutboxDbRow {
+    pub fn into_row(self) -> Result<OutboxRow> {
+        const T: &str = "outbox";
+        let kind = OutboxKind::parse(&self.kind)
+            .ok_or_else(|| corrupt(T, format!("unknown kind `{}`", self.kind)))?;
+        Ok(OutboxRow {
+            key: self.key,
+            kind,
+            run_id: self.run_id,
+            flow: self.flow,
+            customer_id: self.customer_id,
+            step: self.step,
+            channel: self.channel,
+            address: self.address,
+            template: self.template,
+            payload: from_json(T, &self.payload)?,
+            transactional: self.transactional,
+            created_at: time(T, self.created_at)?,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct ConversionRow {
+    pub run_id: String,
+    pub flow: String,
+    pub version: String,
+    pub customer_id: String,
+    pub arm: String,
+    pub last_touch: Option<String>,
+    pub event_id: String,
+    pub at: i64,
+}
+
+impl ConversionRow {
+    pub fn into_conversion(self) -> Result<Conversion> {
+        const T: &str = "conversions";
+        Ok(Conversion {
+            run_id: self.run_id,
+            flow: self.flow,
+            version: self.version,
+            customer_id: self.customer_id,
+            arm: arm(T, &self.arm)?,
+            last_touch: self.last_touch,
+            event_id: self.event_id,
+            at: time(T, self.at)?,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct NodeCountRow {
+    pub flow: String,
+    pub step: String,
+    pub waiting: i64,
+}
+
+impl NodeCountRow {
+    pub fn into_count(self) -> NodeCount {
+        NodeCount {
+            flow: self.flow,
+            step: self.step,
+            waiting: u64::try_from(self.waiting).unwrap_or(0),
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct CountsRow {
+    pub customers: i64,
+    pub runs: i64,
+    pub waiting: i64,
+    pub history: i64,
+    pub outbox: i64,
+    pub conversions: i64,
+    pub inbox_pending: i64,
+}
+
+impl CountsRow {
+    pub fn into_counts(self) -> super::Counts {
+        let n = |v: i64| u64::try_from(v).unwrap_or(0);
+        super::Counts {
+            customers: n(self.customers),
+            runs: n(self.runs),
+            waiting: n(self.waiting),
+            history: n(self.history),
+            outbox: n(self.outbox),
+            conversions: n(self.conversions),
+            inbox_pending: n(self.inbox_pending),
+        }
+    }
+}
+
+/// Assemble `CustomerState`s in the order of `ids` from rows fetched per table. `customers`
+/// holds the known customers; runs and enrolments are grouped by customer id.
+pub(crate) fn assemble(
+    ids: &[String],
+    customers: Vec<Customer>,
+    runs: Vec<Run>,
+    enrolments: Vec<Enrolment>,
+) -> Vec<crate::state::CustomerState> {
+    use std::collections::HashMap;
+
+    use crate::state::CustomerState;
+
+    let mut states: HashMap<String, CustomerState> = customers
+        .into_iter()
+        .map(|c| {
+            (
+                c.id.clone(),
+                CustomerState {
+                    customer: c,
+                    runs: Vec::new(),
+                    enrolments: Vec::new(),
+                    converting: Vec::new(),
+                },
+            )
+        })
+        .collect();
+    for run in runs {
+        if let Some(s) = states.get_mut(&run.customer_id) {
+            match run.status {
+                RunStatus::Waiting => s.runs.push(run),
+                RunStatus::Ended => s.converting.push(run),
+            }
+        }
+    }
+    for e in enrolments {
+        if let Some(s) = states.get_mut(&e.customer_id) {
+            s.enrolments.push(e);
+        }
+    }
+    let mut out = Vec::with_capacity(states.len());
+    for id in ids {
+        if let Some(s) = states.remove(id) {
+            out.push(s);
+        }
+    }
+    out
+}

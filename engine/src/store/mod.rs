@@ -1,0 +1,265 @@
+//! Durable state: one trait, two backends (SQLite, the embedded default, and Postgres), both
+//! through sqlx with embedded migrations. Writes are set-based: a whole batch of transitions
+//! commits in one transaction with a handful of statements, never one statement per row.
+
+use std::future::Future;
+
+use crate::state::{
+    Batch, Conversion, CustomerState, FlowVersion, HistoryEntry, InboxItem, OutboxRow, Run, Time,
+};
+
+mod codec;
+pub mod postgres;
+pub mod raw;
+pub mod sqlite;
+
+pub use postgres::PgStore;
+pub use sqlite::{Durability, SqliteStore};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("unsupported database URL `{0}`: use sqlite://PATH, sqlite::memory: or postgres://…")]
+    Url(String),
+    /// A row that does not decode: the database was written by something else.
+    #[error("corrupt row in `{table}`: {message}")]
+    Corrupt {
+        table: &'static str,
+        message: String,
+    },
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// How many runs wait at each step of a flow right now.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NodeCount {
+    pub flow: String,
+    pub step: String,
+    pub waiting: u64,
+}
+
+/// Row counts, for benchmarks, tests and the crash test.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counts {
+    pub customers: u64,
+    pub runs: u64,
+    pub waiting: u64,
+    pub history: u64,
+    pub outbox: u64,
+    pub conversions: u64,
+    pub inbox_pending: u64,
+}
+
+/// The engine's storage. Every method is one round trip or one transaction.
+pub trait Store: Send + Sync {
+    /// Record flow versions (idempotent).
+    fn put_flow_versions(
+        &self,
+        versions: &[FlowVersion],
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Recorded flow versions, by flow then age; one flow's or all. A run pinned to a version
+    /// that is no longer in `flows/` finds its source here.
+    fn flow_versions(
+        &self,
+        flow: Option<&str>,
+    ) -> impl Future<Output = Result<Vec<FlowVersion>>> + Send;
+
+    /// Append to the inbox. Events whose id is already in the inbox are dropped; returns how
+    /// many items were accepted.
+    fn enqueue(&self, items: &[InboxItem]) -> impl Future<Output = Result<usize>> + Send;
+
+    /// Up to `limit` unapplied inbox items, oldest first, with their sequence numbers.
+    fn inbox_pending(
+        &self,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<(i64, InboxItem)>>> + Send;
+
+    /// The state of these customers; customers unknown to the store are left out.
+    fn load(
+        &self,
+        customer_ids: &[String],
+        now: Time,
+    ) -> impl Future<Output = Result<Vec<CustomerState>>> + Send;
+
+    /// Customers with a waiting run whose `wake_at <= now`, earliest first, deduplicated.
+    fn due(&self, now: Time, limit: usize) -> impl Future<Output = Result<Vec<String>>> + Send;
+
+    /// The earliest `wake_at` of any waiting run that is later than `after` (a run the
+    /// runtime could not move must not hide the timers after it).
+    fn next_wake(&self, after: Time) -> impl Future<Output = Result<Option<Time>>> + Send;
+
+    /// Write a batch in ONE transaction.
+    fn commit(&self, batch: &Batch) -> impl Future<Output = Result<()>> + Send;
+
+    /// Customer ids in id order after `after`, for schedule and segment scans.
+    fn customer_ids(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<String>>> + Send;
+
+    /// Outbox rows, oldest first; one customer's or all.
+    fn outbox(
+        &self,
+        customer_id: Option<&str>,
+    ) -> impl Future<Output = Result<Vec<OutboxRow>>> + Send;
+
+    /// History rows, in order; one customer's or all.
+    fn history(
+        &self,
+        customer_id: Option<&str>,
+    ) -> impl Future<Output = Result<Vec<HistoryEntry>>> + Send;
+
+    /// All runs of a customer, oldest first.
+    fn runs(&self, customer_id: &str) -> impl Future<Output = Result<Vec<Run>>> + Send;
+
+    fn conversions(
+        &self,
+        flow: Option<&str>,
+    ) -> impl Future<Output = Result<Vec<Conversion>>> + Send;
+
+    /// Runs waiting at each step.
+    fn node_counts(
+        &self,
+        flow: Option<&str>,
+    ) -> impl Future<Output = Result<Vec<NodeCount>>> + Send;
+
+    fn counts(&self) -> impl Future<Output = Result<Counts>> + Send;
+}
+
+/// A store chosen at run time from a URL.
+#[derive(Debug, Clone)]
+pub enum Database {
+    Sqlite(SqliteStore),
+    Postgres(PgStore),
+}
+
+impl Database {
+    /// `sqlite://PATH` (created if missing; `?durability=full` syncs every commit, see
+    /// [`Durability`]), `sqlite::memory:`, or `postgres://…` / `postgresql://…`.
+    pub async fn connect(url: &str) -> Result<Database> {
+        if url == "sqlite::memory:" || url == "sqlite://:memory:" {
+            return Ok(Database::Sqlite(SqliteStore::memory().await?));
+        }
+        if let Some(rest) = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+        {
+            let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+            let mut durability = Durability::Normal;
+            for pair in query.split('&').filter(|p| !p.is_empty()) {
+                durability = match pair {
+                    "durability=normal" => Durability::Normal,
+                    "durability=full" => Durability::Full,
+                    _ => return Err(StoreError::Url(url.to_owned())),
+                };
+            }
+            if path.is_empty() {
+                return Err(StoreError::Url(url.to_owned()));
+            }
+            return Ok(Database::Sqlite(
+                SqliteStore::open_with(path, durability).await?,
+            ));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Database::Postgres(PgStore::connect(url).await?));
+        }
+        Err(StoreError::Url(url.to_owned()))
+    }
+
+    /// `sqlite` or `postgres`.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Database::Sqlite(_) => "sqlite",
+            Database::Postgres(_) => "postgres",
+        }
+    }
+}
+
+impl From<SqliteStore> for Database {
+    fn from(s: SqliteStore) -> Database {
+        Database::Sqlite(s)
+    }
+}
+
+impl From<PgStore> for Database {
+    fn from(s: PgStore) -> Database {
+        Database::Postgres(s)
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $call:expr) => {
+        match $self {
+            Database::Sqlite($s) => $call.await,
+            Database::Postgres($s) => $call.await,
+        }
+    };
+}
+
+impl Store for Database {
+    async fn put_flow_versions(&self, versions: &[FlowVersion]) -> Result<()> {
+        delegate!(self, s => s.put_flow_versions(versions))
+    }
+
+    async fn flow_versions(&self, flow: Option<&str>) -> Result<Vec<FlowVersion>> {
+        delegate!(self, s => s.flow_versions(flow))
+    }
+
+    async fn enqueue(&self, items: &[InboxItem]) -> Result<usize> {
+        delegate!(self, s => s.enqueue(items))
+    }
+
+    async fn inbox_pending(&self, limit: usize) -> Result<Vec<(i64, InboxItem)>> {
+        delegate!(self, s => s.inbox_pending(limit))
+    }
+
+    async fn load(&self, customer_ids: &[String], now: Time) -> Result<Vec<CustomerState>> {
+        delegate!(self, s => s.load(customer_ids, now))
+    }
+
+    async fn due(&self, now: Time, limit: usize) -> Result<Vec<String>> {
+        delegate!(self, s => s.due(now, limit))
+    }
+
+    async fn next_wake(&self, after: Time) -> Result<Option<Time>> {
+        delegate!(self, s => s.next_wake(after))
+    }
+
+    async fn commit(&self, batch: &Batch) -> Result<()> {
+        delegate!(self, s => s.commit(batch))
+    }
+
+    async fn customer_ids(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>> {
+        delegate!(self, s => s.customer_ids(after, limit))
+    }
+
+    async fn outbox(&self, customer_id: Option<&str>) -> Result<Vec<OutboxRow>> {
+        delegate!(self, s => s.outbox(customer_id))
+    }
+
+    async fn history(&self, customer_id: Option<&str>) -> Result<Vec<HistoryEntry>> {
+        delegate!(self, s => s.history(customer_id))
+    }
+
+    async fn runs(&self, customer_id: &str) -> Result<Vec<Run>> {
+        delegate!(self, s => s.runs(customer_id))
+    }
+
+    async fn conversions(&self, flow: Option<&str>) -> Result<Vec<Conversion>> {
+        delegate!(self, s => s.conversions(flow))
+    }
+
+    async fn node_counts(&self, flow: Option<&str>) -> Result<Vec<NodeCount>> {
+        delegate!(self, s => s.node_counts(flow))
+    }
+
+    async fn counts(&self) -> Result<Counts> {
+        delegate!(self, s => s.counts())
+    }
+}
