@@ -1,7 +1,8 @@
-//! Embedding the compiler with a node kind of your own.
+//! A node kind of your own, validated and run.
 //!
 //! Registers a `vip-check` kind next to the built-in catalogue, compiles a flow that uses it
-//! with `use:`, and prints the compiled flow's version and its graph.
+//! with `use:`, prints the compiled flow's version and graph, then runs two customers through
+//! it on an in-memory SQLite store: the big spender is thanked, the other is not.
 //!
 //! Run: `cargo run --example custom_kind`
 
@@ -10,7 +11,11 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use canvas_engine::registry::NodeKind;
+use canvas_engine::policy::Policy;
+use canvas_engine::registry::{NodeKind, PluginCx};
+use canvas_engine::runtime::{FlowSet, Runtime};
+use canvas_engine::state::{Event, InboxItem, ProfileUpdate};
+use canvas_engine::store::{SqliteStore, Store};
 use canvas_engine::template::TemplateDir;
 
 /// Routes customers above a spend threshold to `next`, the rest to `regular`.
@@ -32,6 +37,28 @@ impl NodeKind for VipCheck {
             Some(v) if v > 0.0 => Ok(()),
             _ => Err("needs `with: { min_spend: 1000 }` with a positive amount".to_owned()),
         }
+    }
+    /// Pure: reads the customer, decides the output.
+    fn run(
+        &self,
+        with: &serde_json::Value,
+        cx: &mut PluginCx<'_>,
+    ) -> Result<Option<String>, String> {
+        let min = with
+            .get("min_spend")
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or(f64::MAX);
+        let spend = cx
+            .customer
+            .attributes
+            .get("lifetime_spend")
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or(0.0);
+        Ok(if spend >= min {
+            None
+        } else {
+            Some("regular".to_owned())
+        })
     }
 }
 
@@ -75,5 +102,50 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if broken.diagnostics.is_empty() {
         return Err("bad settings were accepted".into());
     }
-    Ok(())
+
+    // Run it: the kind's `run` decides each customer's path.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let store = SqliteStore::memory().await?;
+        let runtime = Runtime::new(store, FlowSet::new([flow]), Policy::default(), registry);
+        let now = chrono::DateTime::parse_from_rfc3339("2026-03-02T10:00:00Z")?.to_utc();
+        let mut items = Vec::new();
+        for (id, spend) in [("big-spender", 8200), ("newcomer", 120)] {
+            let mut set = serde_json::Map::new();
+            set.insert("phone".into(), serde_json::json!("+8613800000000"));
+            set.insert("lifetime_spend".into(), serde_json::json!(spend));
+            items.push(InboxItem::Profile(ProfileUpdate {
+                customer_id: id.into(),
+                set,
+                timezone: None,
+                at: now,
+            }));
+            items.push(InboxItem::Event(Event {
+                id: format!("order-{id}"),
+                customer_id: id.into(),
+                name: "order_paid".into(),
+                data: serde_json::json!({ "amount": 300 }),
+                occurred_at: now,
+            }));
+        }
+        runtime.store.enqueue(&items).await?;
+        runtime.process_inbox(now).await?;
+        let sent = runtime.store.outbox(None).await?;
+        for row in &sent {
+            println!(
+                "sent {} {} to {}",
+                row.channel,
+                row.template.as_deref().unwrap_or("-"),
+                row.customer_id
+            );
+        }
+        if sent.len() != 1 || sent[0].customer_id != "big-spender" {
+            return Err::<(), Box<dyn std::error::Error>>(
+                "only the big spender should be thanked".into(),
+            );
+        }
+        Ok(())
+    })
 }

@@ -45,7 +45,10 @@ pub fn read_items(path: &Path) -> anyhow::Result<Vec<InboxItem>> {
         }
         n += 1;
         if line.len() > MAX_LINE_BYTES {
-            bail!("{}:{n}: a line is longer than {MAX_LINE_BYTES} bytes", path.display());
+            bail!(
+                "{}:{n}: a line is longer than {MAX_LINE_BYTES} bytes",
+                path.display()
+            );
         }
         let text = line.trim();
         if text.is_empty() {
@@ -65,7 +68,9 @@ pub fn ingest(file: &Path, database: &str) -> anyhow::Result<ExitCode> {
     let items = read_items(file)?;
     let rt = runtime()?;
     rt.block_on(async {
-        let db = Database::connect(database).await.with_context(|| format!("opening {database}"))?;
+        let db = Database::connect(database)
+            .await
+            .with_context(|| format!("opening {database}"))?;
         let mut accepted = 0;
         for chunk in items.chunks(CHUNK) {
             accepted += db.enqueue(chunk).await?;
@@ -81,20 +86,34 @@ pub fn ingest(file: &Path, database: &str) -> anyhow::Result<ExitCode> {
 }
 
 /// Apply the inbox and fire every timer due at `at` (default: now by the system clock).
-pub fn run(database: &str, flows: &Path, at: Option<&str>, batch: usize, registry: &Registry) -> anyhow::Result<ExitCode> {
+pub fn run(
+    database: &str,
+    flows: &Path,
+    at: Option<&str>,
+    batch: usize,
+    registry: &Registry,
+) -> anyhow::Result<ExitCode> {
     let now = match at {
-        Some(t) => parse_time(t).map_err(|e| anyhow::anyhow!("--at: {e}"))?.to_utc(),
+        Some(t) => parse_time(t)
+            .map_err(|e| anyhow::anyhow!("--at: {e}"))?
+            .to_utc(),
         None => SystemClock.now(),
     };
     let validation = canvas_engine::validate_paths(&[PathBuf::from(flows)], registry)?;
     if !validation.is_valid() {
-        bail!("{} has errors; run `canvas validate {}`", flows.display(), flows.display());
+        bail!(
+            "{} has errors; run `canvas validate {}`",
+            flows.display(),
+            flows.display()
+        );
     }
     let flow_set = FlowSet::new(validation.flows().cloned());
     let policy = canvas_engine::testing::policy_for(flows).map_err(|e| anyhow::anyhow!("{e}"))?;
     let rt = runtime()?;
     rt.block_on(async {
-        let db = Database::connect(database).await.with_context(|| format!("opening {database}"))?;
+        let db = Database::connect(database)
+            .await
+            .with_context(|| format!("opening {database}"))?;
         let mut runtime = Runtime::new(db, flow_set, policy, registry.clone());
         runtime.batch_size = batch;
         runtime.register_versions(now).await?;

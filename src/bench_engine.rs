@@ -40,7 +40,13 @@ steps:
     exit: finished
 "#;
 
-pub fn run(n: usize, database: Option<String>, batch: usize, raw: bool, registry: &Registry) -> anyhow::Result<ExitCode> {
+pub fn run(
+    n: usize,
+    database: Option<String>,
+    batch: usize,
+    raw: bool,
+    registry: &Registry,
+) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -63,20 +69,33 @@ async fn fresh(database: Option<&str>, tag: &str) -> anyhow::Result<Fresh> {
             let store = canvas_engine::store::PgStore::connect_with_schema(url, &schema)
                 .await
                 .with_context(|| format!("connecting to {url}"))?;
-            Ok(Fresh { db: Database::Postgres(store), label: "postgres (local server)".to_owned(), file: None })
+            Ok(Fresh {
+                db: Database::Postgres(store),
+                label: "postgres (local server)".to_owned(),
+                file: None,
+            })
         }
         Some(url) => {
             let path = url.strip_prefix("sqlite://").unwrap_or(url);
             let path = PathBuf::from(format!("{path}.{tag}"));
             let _ = std::fs::remove_file(&path);
             let db = Database::connect(&format!("sqlite://{}", path.display())).await?;
-            Ok(Fresh { db, label: "sqlite (file, WAL)".to_owned(), file: Some(path) })
+            Ok(Fresh {
+                db,
+                label: "sqlite (file, WAL)".to_owned(),
+                file: Some(path),
+            })
         }
         None => {
-            let path = std::env::temp_dir().join(format!("canvas-bench-{}-{tag}.db", std::process::id()));
+            let path =
+                std::env::temp_dir().join(format!("canvas-bench-{}-{tag}.db", std::process::id()));
             let _ = std::fs::remove_file(&path);
             let db = Database::connect(&format!("sqlite://{}", path.display())).await?;
-            Ok(Fresh { db, label: "sqlite (file, WAL)".to_owned(), file: Some(path) })
+            Ok(Fresh {
+                db,
+                label: "sqlite (file, WAL)".to_owned(),
+                file: Some(path),
+            })
         }
     }
 }
@@ -85,7 +104,6 @@ impl Fresh {
     async fn cleanup(self) {
         if let Database::Postgres(pg) = &self.db {
             pg.close().await; // DROP_SCHEMA_PENDING
-
         }
         drop(self.db);
         if let Some(f) = self.file {
@@ -106,15 +124,30 @@ fn bar(len: u64, msg: &str) -> ProgressBar {
     bar
 }
 
-async fn bench(n: usize, database: Option<String>, batch: usize, raw: bool, registry: &Registry) -> anyhow::Result<ExitCode> {
+async fn bench(
+    n: usize,
+    database: Option<String>,
+    batch: usize,
+    raw: bool,
+    registry: &Registry,
+) -> anyhow::Result<ExitCode> {
     let dir = std::env::temp_dir().join(format!("canvas-bench-flow-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("templates/bench"))?;
     std::fs::write(dir.join("bench-five.yaml"), FLOW)?;
-    std::fs::write(dir.join("templates/bench/hello.txt"), "Hi {{ customer.first_name }}, welcome to the club.\n")?;
-    std::fs::write(dir.join("templates/bench/follow-up.txt"), "{{ customer.first_name }}, your first visit gift is waiting.\n")?;
+    std::fs::write(
+        dir.join("templates/bench/hello.txt"),
+        "Hi {{ customer.first_name }}, welcome to the club.\n",
+    )?;
+    std::fs::write(
+        dir.join("templates/bench/follow-up.txt"),
+        "{{ customer.first_name }}, your first visit gift is waiting.\n",
+    )?;
     let validation = canvas_engine::validate_paths(std::slice::from_ref(&dir), registry)?;
     let Some(flow) = validation.flows().next().cloned() else {
-        bail!("the benchmark flow does not validate: {:?}", validation.diagnostics);
+        bail!(
+            "the benchmark flow does not validate: {:?}",
+            validation.diagnostics
+        );
     };
     let _ = std::fs::remove_dir_all(&dir);
 
@@ -123,7 +156,12 @@ async fn bench(n: usize, database: Option<String>, batch: usize, raw: bool, regi
     // A weekday morning, UTC customers: no quiet hours, caps leave room for two sends a day
     // apart, so every customer takes all five steps.
     let t0: Time = chrono::DateTime::parse_from_rfc3339("2026-01-05T10:00:00Z")?.to_utc();
-    let mut runtime = Runtime::new(fresh_db.db, FlowSet::new([flow]), Policy::default(), registry.clone());
+    let mut runtime = Runtime::new(
+        fresh_db.db,
+        FlowSet::new([flow]),
+        Policy::default(),
+        registry.clone(),
+    );
     runtime.batch_size = batch;
     runtime.register_versions(t0).await?;
 
@@ -136,8 +174,16 @@ async fn bench(n: usize, database: Option<String>, batch: usize, raw: bool, regi
                 let mut set = serde_json::Map::new();
                 set.insert("phone".into(), json!(format!("+86138{i:08}")));
                 set.insert("first_name".into(), json!(format!("Member{i}")));
-                set.insert("tier".into(), json!(if i % 3 == 0 { "gold" } else { "silver" }));
-                InboxItem::Profile(ProfileUpdate { customer_id: format!("c{i:08}"), set, timezone: Some("UTC".into()), at: t0 })
+                set.insert(
+                    "tier".into(),
+                    json!(if i % 3 == 0 { "gold" } else { "silver" }),
+                );
+                InboxItem::Profile(ProfileUpdate {
+                    customer_id: format!("c{i:08}"),
+                    set,
+                    timezone: Some("UTC".into()),
+                    at: t0,
+                })
             })
             .collect();
         runtime.store.enqueue(&items).await?;
@@ -147,7 +193,15 @@ async fn bench(n: usize, database: Option<String>, batch: usize, raw: bool, regi
     for chunk in (0..n).collect::<Vec<_>>().chunks(10_000) {
         let items: Vec<InboxItem> = chunk
             .iter()
-            .map(|i| InboxItem::Event(Event { id: format!("joined-{i}"), customer_id: format!("c{i:08}"), name: "joined".into(), data: json!({}), occurred_at: t0 }))
+            .map(|i| {
+                InboxItem::Event(Event {
+                    id: format!("joined-{i}"),
+                    customer_id: format!("c{i:08}"),
+                    name: "joined".into(),
+                    data: json!({}),
+                    occurred_at: t0,
+                })
+            })
             .collect();
         runtime.store.enqueue(&items).await?;
         setup.inc(items.len() as u64);
@@ -179,7 +233,11 @@ async fn bench(n: usize, database: Option<String>, batch: usize, raw: bool, regi
 
     let counts = runtime.store.counts().await?;
     let expect_history = 5 * n as u64;
-    if counts.history != expect_history || counts.outbox != 2 * n as u64 || counts.waiting != 0 || waiting != n as u64 {
+    if counts.history != expect_history
+        || counts.outbox != 2 * n as u64
+        || counts.waiting != 0
+        || waiting != n as u64
+    {
         bail!(
             "the engine did not do the expected work: {} waiting after enrolment, then {} history rows (want {expect_history}), {} outbox rows (want {}), {} still waiting",
             waiting,
@@ -189,19 +247,47 @@ async fn bench(n: usize, database: Option<String>, batch: usize, raw: bool, regi
             counts.waiting
         );
     }
-    let fresh_engine = Fresh { db: runtime.store, label: label.clone(), file: fresh_db.file };
+    let fresh_engine = Fresh {
+        db: runtime.store,
+        label: label.clone(),
+        file: fresh_db.file,
+    };
     fresh_engine.cleanup().await;
 
     let transitions = first.transitions + second.transitions;
     let secs = enrol_secs + fire_secs;
     let rate = transitions as f64 / secs;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "canvas bench engine: {n} customers, {label}, {batch} customers per transaction, {} cores", std::thread::available_parallelism().map_or(1, |p| p.get()))?;
-    writeln!(out, "  enrol → send → wait       {:>8.2} s  {:>9.0} transitions/s", enrol_secs, first.transitions as f64 / enrol_secs)?;
-    writeln!(out, "  timer → branch → send → exit {:>5.2} s  {:>9.0} transitions/s", fire_secs, second.transitions as f64 / fire_secs)?;
-    writeln!(out, "  engine                    {:>8.2} s  {:>9.0} transitions/s  ({transitions} checkpointed, {} commits)", secs, rate, first.commits + second.commits)?;
+    writeln!(
+        out,
+        "canvas bench engine: {n} customers, {label}, {batch} customers per transaction, {} cores",
+        std::thread::available_parallelism().map_or(1, |p| p.get())
+    )?;
+    writeln!(
+        out,
+        "  enrol → send → wait       {:>8.2} s  {:>9.0} transitions/s",
+        enrol_secs,
+        first.transitions as f64 / enrol_secs
+    )?;
+    writeln!(
+        out,
+        "  timer → branch → send → exit {:>5.2} s  {:>9.0} transitions/s",
+        fire_secs,
+        second.transitions as f64 / fire_secs
+    )?;
+    writeln!(
+        out,
+        "  engine                    {:>8.2} s  {:>9.0} transitions/s  ({transitions} checkpointed, {} commits)",
+        secs,
+        rate,
+        first.commits + second.commits
+    )?;
     if let Some(mb) = rss_waiting {
-        writeln!(out, "  resident with {n} runs waiting: {mb:.0} MB (peak {:.0} MB)", rss_mb("VmHWM").unwrap_or(mb))?;
+        writeln!(
+            out,
+            "  resident with {n} runs waiting: {mb:.0} MB (peak {:.0} MB)",
+            rss_mb("VmHWM").unwrap_or(mb)
+        )?;
     }
     drop(out);
     if raw {
@@ -210,8 +296,16 @@ async fn bench(n: usize, database: Option<String>, batch: usize, raw: bool, regi
         fresh_raw.cleanup().await;
         let ceiling = report.transitions as f64 / report.seconds;
         let mut out = std::io::stdout().lock();
-        writeln!(out, "  raw set-based SQL         {:>8.2} s  {:>9.0} transitions/s  (1 UPDATE + 2 INSERTs per 1000, no engine)", report.seconds, ceiling)?;
-        writeln!(out, "  engine share of the raw ceiling: {:.0}%", 100.0 * rate / ceiling)?;
+        writeln!(
+            out,
+            "  raw set-based SQL         {:>8.2} s  {:>9.0} transitions/s  (1 UPDATE + 2 INSERTs per 1000, no engine)",
+            report.seconds, ceiling
+        )?;
+        writeln!(
+            out,
+            "  engine share of the raw ceiling: {:.0}%",
+            100.0 * rate / ceiling
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -118,6 +118,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
+        // `canvas simulate … | head`: the reader has gone, which is not an error.
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "error: {e:#}");
             ExitCode::from(2)
@@ -134,7 +143,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 paths
             };
-            let validation = canvas_engine::validate_paths(&paths, &registry)?;
+            let mut validation = canvas_engine::validate_paths(&paths, &registry)?;
+            check_policies(&paths, &mut validation);
             let color = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
             let mut stdout = std::io::stdout().lock();
             output::validation(&mut stdout, &validation, format, color)?;
@@ -194,13 +204,42 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Ingest { file, database } => batch::ingest(&file, &database),
-        Command::Run { database, flows, at, batch: size } => {
-            batch::run(&database, &flows, at.as_deref(), size.max(1), &registry)
-        }
+        Command::Run {
+            database,
+            flows,
+            at,
+            batch: size,
+        } => batch::run(&database, &flows, at.as_deref(), size.max(1), &registry),
         Command::Test { paths, format } => play::test(paths, format, &registry),
-        Command::Simulate { flow, timeline, format, flows } => {
-            play::simulate(&flow, &timeline, &flows, format, &registry)
-        }
+        Command::Simulate {
+            flow,
+            timeline,
+            format,
+            flows,
+        } => play::simulate(&flow, &timeline, &flows, format, &registry),
         Command::Bench { what } => bench::run(what, &registry),
+    }
+}
+
+/// `canvas.yaml` beside the validated folders (or one level up) is checked too: a typo in a
+/// cap should fail CI like a typo in a flow.
+fn check_policies(paths: &[PathBuf], validation: &mut canvas_engine::Validation) {
+    let mut seen = std::collections::BTreeSet::new();
+    for p in paths.iter().filter(|p| p.is_dir()) {
+        for dir in [Some(p.as_path()), p.parent()].into_iter().flatten() {
+            let file = dir.join(canvas_engine::policy::FILE_NAME);
+            if !file.is_file() || !seen.insert(file.clone()) {
+                continue;
+            }
+            if let Err(e) = canvas_engine::policy::Policy::load(&file) {
+                if let Ok(text) = std::fs::read_to_string(&file) {
+                    validation
+                        .sources
+                        .insert(file.clone(), std::sync::Arc::new(text));
+                }
+                validation.diagnostics.extend(e.diagnostics);
+            }
+            break;
+        }
     }
 }

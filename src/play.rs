@@ -24,10 +24,21 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// `canvas test [PATH…]`: exit 0 when every test passes, 1 on a failed expectation, 2 when a
 /// test file or a flow cannot be used.
 pub fn test(paths: Vec<PathBuf>, format: Format, registry: &Registry) -> anyhow::Result<ExitCode> {
-    let paths = if paths.is_empty() { vec![PathBuf::from("flows")] } else { paths };
+    let paths = if paths.is_empty() {
+        vec![PathBuf::from("flows")]
+    } else {
+        paths
+    };
     let files = testing::discover(&paths)?;
     if files.is_empty() {
-        bail!("no *.test.yaml files under {}", paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+        bail!(
+            "no *.test.yaml files under {}",
+            paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
     let rt = runtime()?;
     let mut reports: Vec<Report> = Vec::new();
@@ -49,11 +60,24 @@ pub fn test(paths: Vec<PathBuf>, format: Format, registry: &Registry) -> anyhow:
         Format::Human => {
             for r in &reports {
                 if r.passed() {
-                    writeln!(out, "PASS {} ({} customers, {} expectations)", r.file.display(), r.customers, r.expectations)?;
+                    writeln!(
+                        out,
+                        "PASS {} ({} customers, {} expectations)",
+                        r.file.display(),
+                        r.customers,
+                        r.expectations
+                    )?;
                 } else {
                     writeln!(out, "FAIL {}", r.file.display())?;
                     for f in &r.failures {
-                        writeln!(out, "  {}:{}:{}: {}", r.file.display(), f.line, f.column, f.message)?;
+                        writeln!(
+                            out,
+                            "  {}:{}:{}: {}",
+                            r.file.display(),
+                            f.line,
+                            f.column,
+                            f.message
+                        )?;
                     }
                 }
             }
@@ -64,7 +88,11 @@ pub fn test(paths: Vec<PathBuf>, format: Format, registry: &Registry) -> anyhow:
             writeln!(
                 out,
                 "{} {passed} passed, {failed} failed, {} unusable, of {} test file{}",
-                if failed == 0 && broken.is_empty() { "✓" } else { "✗" },
+                if failed == 0 && broken.is_empty() {
+                    "✓"
+                } else {
+                    "✗"
+                },
                 files.len() - reports.len(),
                 files.len(),
                 if files.len() == 1 { "" } else { "s" }
@@ -82,7 +110,14 @@ pub fn test(paths: Vec<PathBuf>, format: Format, registry: &Registry) -> anyhow:
         Format::Github => {
             for r in &reports {
                 for f in &r.failures {
-                    writeln!(out, "::error file={},line={},col={}::{}", r.file.display(), f.line, f.column, escape(&f.message))?;
+                    writeln!(
+                        out,
+                        "::error file={},line={},col={}::{}",
+                        r.file.display(),
+                        f.line,
+                        f.column,
+                        escape(&f.message)
+                    )?;
                 }
             }
             for (file, e) in &broken {
@@ -100,18 +135,36 @@ pub fn test(paths: Vec<PathBuf>, format: Format, registry: &Registry) -> anyhow:
 }
 
 fn escape(s: &str) -> String {
-    s.replace('%', "%25").replace('\r', "%0D").replace('\n', "%0A")
+    s.replace('%', "%25")
+        .replace('\r', "%0D")
+        .replace('\n', "%0A")
 }
 
 /// `canvas simulate FLOW --timeline FILE`: play a timeline and print each customer's trace.
-pub fn simulate(flow: &str, timeline: &Path, flows_dir: &Path, format: Format, registry: &Registry) -> anyhow::Result<ExitCode> {
+pub fn simulate(
+    flow: &str,
+    timeline: &Path,
+    flows_dir: &Path,
+    format: Format,
+    registry: &Registry,
+) -> anyhow::Result<ExitCode> {
     let as_file = PathBuf::from(flow);
     let (dir, flow_id) = if as_file.is_file() {
         let v = canvas_engine::validate_paths(std::slice::from_ref(&as_file), registry)?;
         let Some(f) = v.flows().next() else {
-            bail!("{} does not validate; run `canvas validate {}`", as_file.display(), as_file.display());
+            bail!(
+                "{} does not validate; run `canvas validate {}`",
+                as_file.display(),
+                as_file.display()
+            );
         };
-        (as_file.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(".")), f.id.clone())
+        (
+            as_file
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from(".")),
+            f.id.clone(),
+        )
     } else {
         (flows_dir.to_path_buf(), flow.to_owned())
     };
@@ -155,13 +208,24 @@ pub fn simulate(flow: &str, timeline: &Path, flows_dir: &Path, format: Format, r
         }
         Format::Human | Format::Github => {
             for (id, history, outbox) in &traces {
-                let offset = scenario.offsets.get(id).copied().unwrap_or(scenario.default_offset);
+                let offset = scenario
+                    .offsets
+                    .get(id)
+                    .copied()
+                    .unwrap_or(scenario.default_offset);
                 writeln!(out, "{id}")?;
                 if history.is_empty() {
                     writeln!(out, "  (never entered {flow_id})")?;
                 }
                 for h in history {
-                    writeln!(out, "  {}  {:<24} {:<9} {}", testing::show(h.at, offset), h.step, h.action, describe(h, outbox, offset))?;
+                    writeln!(
+                        out,
+                        "  {}  {:<24} {:<9} {}",
+                        testing::show(h.at, offset),
+                        h.step,
+                        h.action,
+                        describe(h, outbox, offset)
+                    )?;
                 }
             }
             writeln!(
@@ -191,12 +255,25 @@ fn describe(h: &HistoryEntry, outbox: &[OutboxRow], offset: chrono::FixedOffset)
     };
     match h.action.as_str() {
         "sent" => {
-            let row = outbox.iter().find(|o| o.run_id == h.run_id && o.step == h.step);
-            let to = row.and_then(|r| r.address.clone()).map(|a| format!(" to {a}")).unwrap_or_default();
+            let row = outbox
+                .iter()
+                .find(|o| o.run_id == h.run_id && o.step == h.step);
+            let to = row
+                .and_then(|r| r.address.clone())
+                .map(|a| format!(" to {a}"))
+                .unwrap_or_default();
             format!("{} {}{to}", s("channel"), s("template"))
         }
-        "skipped" => format!("{} {}: {}", s("channel"), s("template"), s("reason")).trim_start().to_owned(),
-        "delayed" => format!("{} {} until {}: {}", s("channel"), s("template"), time("until"), s("reason")),
+        "skipped" => format!("{} {}: {}", s("channel"), s("template"), s("reason"))
+            .trim_start()
+            .to_owned(),
+        "delayed" => format!(
+            "{} {} until {}: {}",
+            s("channel"),
+            s("template"),
+            time("until"),
+            s("reason")
+        ),
         "waiting" => match d.get("event").and_then(|v| v.as_str()) {
             Some(ev) => format!("for `{ev}` until {}", time("until")),
             None => format!("until {}", time("until")),
@@ -204,19 +281,48 @@ fn describe(h: &HistoryEntry, outbox: &[OutboxRow], offset: chrono::FixedOffset)
         "waited" => "no wait needed".to_owned(),
         "resumed" => format!("`{}` arrived", s("event")),
         "timeout" => format!("no `{}` in time", s("event")),
-        "branch" => format!("→ {}", d.get("next").map(|v| v.to_string().trim_matches('"').to_owned()).unwrap_or_default()),
-        "split" => format!("arm {}", d.get("arm").map(|v| v.to_string().trim_matches('"').to_owned()).unwrap_or_default()),
+        "branch" => format!(
+            "→ {}",
+            d.get("next")
+                .map(|v| v.to_string().trim_matches('"').to_owned())
+                .unwrap_or_default()
+        ),
+        "split" => format!(
+            "arm {}",
+            d.get("arm")
+                .map(|v| v.to_string().trim_matches('"').to_owned())
+                .unwrap_or_default()
+        ),
         "called" => format!("{} (waiting for the response)", s("webhook")),
         "answered" => format!("response saved as vars.{}", s("save_as")),
         "task" => format!("for {}, due {}", s("assign"), time("due_at")),
         "updated" => "profile updated".to_owned(),
-        "exit" => d.get("event").and_then(|v| v.as_str()).map(|e| format!("exit on `{e}`")).or_else(|| d.get("when").and_then(|v| v.as_str()).map(|w| format!("exit: {w}"))).unwrap_or_else(|| format!("end: {}", s("outcome"))),
+        "exit" => d
+            .get("event")
+            .and_then(|v| v.as_str())
+            .map(|e| format!("exit on `{e}`"))
+            .or_else(|| {
+                d.get("when")
+                    .and_then(|v| v.as_str())
+                    .map(|w| format!("exit: {w}"))
+            })
+            .unwrap_or_else(|| format!("end: {}", s("outcome"))),
         "goal" => {
-            let ends = if d.get("exit").and_then(|v| v.as_bool()) == Some(true) { "; run ends" } else { "" };
+            let ends = if d.get("exit").and_then(|v| v.as_bool()) == Some(true) {
+                "; run ends"
+            } else {
+                ""
+            };
             format!("goal `{}` reached{ends}", s("event"))
         }
         "ended" => s("outcome"),
         "error" => s("error"),
-        _ => if d.is_null() { String::new() } else { d.to_string() },
+        _ => {
+            if d.is_null() {
+                String::new()
+            } else {
+                d.to_string()
+            }
+        }
     }
 }

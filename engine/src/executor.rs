@@ -75,7 +75,11 @@ pub enum Refusal {
 }
 
 /// The entry rule: may this customer start a run now?
-pub fn may_enter(flow: &CompiledFlow, enrolment: Option<&Enrolment>, now: Time) -> Result<(), Refusal> {
+pub fn may_enter(
+    flow: &CompiledFlow,
+    enrolment: Option<&Enrolment>,
+    now: Time,
+) -> Result<(), Refusal> {
     let Some(e) = enrolment else { return Ok(()) };
     if e.active_run.is_some() {
         return Err(Refusal::Active);
@@ -87,7 +91,11 @@ pub fn may_enter(flow: &CompiledFlow, enrolment: Option<&Enrolment>, now: Time) 
         Entry::ReenterAfter(d) => match e.last_entered_at {
             Some(last) => {
                 let until = last + secs(d.as_secs());
-                if now < until { Err(Refusal::TooSoon { until }) } else { Ok(()) }
+                if now < until {
+                    Err(Refusal::TooSoon { until })
+                } else {
+                    Ok(())
+                }
             }
             None => Ok(()),
         },
@@ -95,7 +103,13 @@ pub fn may_enter(flow: &CompiledFlow, enrolment: Option<&Enrolment>, now: Time) 
 }
 
 /// A new run for a customer entering `flow`; `entries` counts earlier entries.
-pub fn new_run(flow: &CompiledFlow, customer_id: &str, entries: u32, event: Option<&Event>, now: Time) -> Run {
+pub fn new_run(
+    flow: &CompiledFlow,
+    customer_id: &str,
+    entries: u32,
+    event: Option<&Event>,
+    now: Time,
+) -> Run {
     Run {
         id: format!("{}/{}/{}", flow.id, customer_id, entries + 1),
         flow: flow.id.clone(),
@@ -124,10 +138,38 @@ pub fn customer_tz(customer: &Customer, policy: &Policy) -> Tz {
     policy.customer_zone(customer.timezone.as_deref())
 }
 
+/// End a waiting run from outside the flow (the customer opted out of everything); the
+/// history row names the event.
+pub fn stop(cx: &Ctx<'_>, run: &mut Run, customer: &mut Customer, event: &Event) -> Transition {
+    let mut ex = Exec {
+        cx,
+        run,
+        customer,
+        out: Transition::default(),
+        tz: chrono_tz::UTC,
+    };
+    if ex.run.status == RunStatus::Waiting {
+        let step = ex.run.step.clone().unwrap_or_default();
+        ex.record(
+            "exit",
+            step,
+            json!({ "event": event.name, "outcome": "exited", "opt_out": true }),
+        );
+        ex.end("exited");
+    }
+    ex.out
+}
+
 /// Apply one input to one run. The run and the customer are updated in place; what must be
 /// written is returned.
 pub fn step(cx: &Ctx<'_>, run: &mut Run, customer: &mut Customer, input: Input<'_>) -> Transition {
-    let mut ex = Exec { cx, run, customer, out: Transition::default(), tz: chrono_tz::UTC };
+    let mut ex = Exec {
+        cx,
+        run,
+        customer,
+        out: Transition::default(),
+        tz: chrono_tz::UTC,
+    };
     ex.tz = customer_tz(ex.customer, cx.policy);
     ex.apply(input);
     ex.out
@@ -203,11 +245,16 @@ impl Exec<'_, '_> {
     /// A goal event within the window converts once; control runs convert the same way so
     /// the lift can be measured.
     fn goal(&mut self, event: &Event) {
-        let Some(goal) = &self.flow().goal else { return };
+        let Some(goal) = &self.flow().goal else {
+            return;
+        };
         if goal.event != event.name || self.run.converted_at.is_some() {
             return;
         }
-        if self.run.goal_until.is_none_or(|until| event.occurred_at > until)
+        if self
+            .run
+            .goal_until
+            .is_none_or(|until| event.occurred_at > until)
             || event.occurred_at < self.run.entered_at
         {
             return;
@@ -255,7 +302,11 @@ impl Exec<'_, '_> {
                 };
                 if holds {
                     let step = self.run.step.clone().unwrap_or_default();
-                    self.record("exit", step, json!({ "event": event.name, "outcome": "exited" }));
+                    self.record(
+                        "exit",
+                        step,
+                        json!({ "event": event.name, "outcome": "exited" }),
+                    );
                     self.end("exited");
                     return true;
                 }
@@ -267,13 +318,17 @@ impl Exec<'_, '_> {
     fn exit_on_profile(&mut self) -> bool {
         let flow = self.cx.flow;
         for rule in &flow.exits {
-            if let ExitRule::When(cond) = rule {
-                if self.eval_bool(cond, None).unwrap_or(false) {
-                    let step = self.run.step.clone().unwrap_or_default();
-                    self.record("exit", step, json!({ "when": cond.source(), "outcome": "exited" }));
-                    self.end("exited");
-                    return true;
-                }
+            if let ExitRule::When(cond) = rule
+                && self.eval_bool(cond, None).unwrap_or(false)
+            {
+                let step = self.run.step.clone().unwrap_or_default();
+                self.record(
+                    "exit",
+                    step,
+                    json!({ "when": cond.source(), "outcome": "exited" }),
+                );
+                self.end("exited");
+                return true;
             }
         }
         false
@@ -282,7 +337,13 @@ impl Exec<'_, '_> {
     fn resume_on_event(&mut self, event: &Event) {
         let Some(node) = self.current() else { return };
         let flow = self.cx.flow;
-        if let StepKind::Wait { wait: Wait::Event { name, condition, .. }, next } = &flow.graph[node].kind {
+        if let StepKind::Wait {
+            wait: Wait::Event {
+                name, condition, ..
+            },
+            next,
+        } = &flow.graph[node].kind
+        {
             if self.run.waiting_for.as_deref() != Some(name.as_str()) || *name != event.name {
                 return;
             }
@@ -291,7 +352,11 @@ impl Exec<'_, '_> {
                     Ok(true) => {}
                     Ok(false) => return,
                     Err(e) => {
-                        self.record("error", flow.graph[node].id.clone(), json!({ "where": c.source(), "error": e.to_string() }));
+                        self.record(
+                            "error",
+                            flow.graph[node].id.clone(),
+                            json!({ "where": c.source(), "error": e.to_string() }),
+                        );
                         return;
                     }
                 }
@@ -299,7 +364,11 @@ impl Exec<'_, '_> {
             self.run.event = Some(event.clone());
             self.run.waiting_for = None;
             self.run.wake_at = None;
-            self.record("resumed", flow.graph[node].id.clone(), json!({ "event": event.name, "event_id": event.id }));
+            self.record(
+                "resumed",
+                flow.graph[node].id.clone(),
+                json!({ "event": event.name, "event_id": event.id }),
+            );
             self.advance(*next);
         }
     }
@@ -310,7 +379,12 @@ impl Exec<'_, '_> {
         let step = &flow.graph[node];
         self.run.wake_at = None;
         match &step.kind {
-            StepKind::Wait { wait: Wait::Event { name, on_timeout, .. }, .. } => {
+            StepKind::Wait {
+                wait: Wait::Event {
+                    name, on_timeout, ..
+                },
+                ..
+            } => {
                 self.run.waiting_for = None;
                 match on_timeout {
                     Some(t) => {
@@ -318,7 +392,11 @@ impl Exec<'_, '_> {
                         self.advance(Some(*t));
                     }
                     None => {
-                        self.record("timeout", step.id.clone(), json!({ "event": name, "outcome": "timeout" }));
+                        self.record(
+                            "timeout",
+                            step.id.clone(),
+                            json!({ "event": name, "outcome": "timeout" }),
+                        );
                         self.end("timeout");
                     }
                 }
@@ -341,7 +419,11 @@ impl Exec<'_, '_> {
         let mut budget = flow.graph.node_count() + 2;
         while let Some(node) = target {
             if budget == 0 {
-                self.record("error", flow.graph[node].id.clone(), json!({ "error": "step budget exhausted", "outcome": "error" }));
+                self.record(
+                    "error",
+                    flow.graph[node].id.clone(),
+                    json!({ "error": "step budget exhausted", "outcome": "error" }),
+                );
                 self.end("error");
                 return;
             }
@@ -361,16 +443,24 @@ impl Exec<'_, '_> {
     fn exec(&mut self, node: NodeIndex, step: &Step) -> Flow {
         let id = step.id.clone();
         match &step.kind {
-            StepKind::Send { channels, template, files, priority, next } => {
-                self.send(node, &id, channels, template, files, *priority, *next)
-            }
+            StepKind::Send {
+                channels,
+                template,
+                files,
+                priority,
+                next,
+            } => self.send(node, &id, channels, template, files, *priority, *next),
             StepKind::Wait { wait, next } => self.wait(&id, wait, *next),
             StepKind::Branch { arms, otherwise } => {
                 for (i, (cond, to)) in arms.iter().enumerate() {
                     match self.eval_bool(cond, None) {
                         Ok(true) => {
                             let to_id = self.flow().graph[*to].id.clone();
-                            self.record("branch", id, json!({ "arm": i + 1, "when": cond.source(), "next": to_id }));
+                            self.record(
+                                "branch",
+                                id,
+                                json!({ "arm": i + 1, "when": cond.source(), "next": to_id }),
+                            );
                             return Flow::Go(Some(*to));
                         }
                         Ok(false) => {}
@@ -378,7 +468,11 @@ impl Exec<'_, '_> {
                             // A condition that cannot be evaluated for this customer (a
                             // missing attribute, a bad date) is false: the run takes the
                             // next arm, and the history says why.
-                            self.record("error", id.clone(), json!({ "when": cond.source(), "error": e.to_string() }));
+                            self.record(
+                                "error",
+                                id.clone(),
+                                json!({ "when": cond.source(), "error": e.to_string() }),
+                            );
                         }
                     }
                 }
@@ -405,22 +499,41 @@ impl Exec<'_, '_> {
                     }
                     Some(SplitArm::Control) | None => {
                         self.run.arm = Arm::Control;
-                        self.record("split", id, json!({ "arm": "control", "outcome": "control" }));
+                        self.record(
+                            "split",
+                            id,
+                            json!({ "arm": "control", "outcome": "control" }),
+                        );
                         self.end("control");
                         Flow::End
                     }
                 }
             }
-            StepKind::Update { set, add, tag, untag, next } => {
+            StepKind::Update {
+                set,
+                add,
+                tag,
+                untag,
+                next,
+            } => {
                 let mut detail = Map::new();
                 for (k, v) in set {
                     let v = self.render_json(v).unwrap_or_else(|_| v.clone());
                     self.customer.attributes.insert(k.clone(), v);
                 }
                 for (k, n) in add {
-                    let cur = self.customer.attributes.get(k).and_then(Json::as_f64).unwrap_or(0.0);
+                    let cur = self
+                        .customer
+                        .attributes
+                        .get(k)
+                        .and_then(Json::as_f64)
+                        .unwrap_or(0.0);
                     let sum = cur + n;
-                    let v = if sum.fract() == 0.0 && sum.abs() < 9e15 { json!(sum as i64) } else { json!(sum) };
+                    let v = if sum.fract() == 0.0 && sum.abs() < 9e15 {
+                        json!(sum as i64)
+                    } else {
+                        json!(sum)
+                    };
                     self.customer.attributes.insert(k.clone(), v);
                 }
                 if !tag.is_empty() || !untag.is_empty() {
@@ -434,10 +547,18 @@ impl Exec<'_, '_> {
                         }
                     }
                     tags.retain(|x| !untag.iter().any(|u| x.as_str() == Some(u)));
-                    self.customer.attributes.insert("tags".to_owned(), Json::Array(tags));
+                    self.customer
+                        .attributes
+                        .insert("tags".to_owned(), Json::Array(tags));
                 }
-                detail.insert("set".into(), json!(set.iter().map(|(k, _)| k).collect::<Vec<_>>()));
-                detail.insert("add".into(), json!(add.iter().map(|(k, _)| k).collect::<Vec<_>>()));
+                detail.insert(
+                    "set".into(),
+                    json!(set.iter().map(|(k, _)| k).collect::<Vec<_>>()),
+                );
+                detail.insert(
+                    "add".into(),
+                    json!(add.iter().map(|(k, _)| k).collect::<Vec<_>>()),
+                );
                 detail.insert("tag".into(), json!(tag));
                 detail.insert("untag".into(), json!(untag));
                 self.customer.updated_at = self.cx.now;
@@ -445,12 +566,21 @@ impl Exec<'_, '_> {
                 self.record("updated", id, Json::Object(detail));
                 Flow::Go(*next)
             }
-            StepKind::Call { webhook, body, save_as, next: _ } => {
+            StepKind::Call {
+                webhook,
+                body,
+                save_as,
+                next: _,
+            } => {
                 let body = match body {
                     Some(b) => match self.render_json(b) {
                         Ok(b) => b,
                         Err(e) => {
-                            self.record("error", id, json!({ "error": e.to_string(), "outcome": "error" }));
+                            self.record(
+                                "error",
+                                id,
+                                json!({ "error": e.to_string(), "outcome": "error" }),
+                            );
                             self.end("error");
                             return Flow::End;
                         }
@@ -477,7 +607,12 @@ impl Exec<'_, '_> {
                 self.record("called", id, json!({ "webhook": webhook }));
                 Flow::Park
             }
-            StepKind::Task { assign, text, due, next } => {
+            StepKind::Task {
+                assign,
+                text,
+                due,
+                next,
+            } => {
                 let assignee = match self.eval_value(assign) {
                     Ok(Json::String(s)) => Some(s),
                     Ok(Json::Null) | Err(_) => None,
@@ -502,7 +637,11 @@ impl Exec<'_, '_> {
                             created_at: self.cx.now,
                         });
                         self.run.last_touch = Some(id.clone());
-                        self.record("task", id, json!({ "assign": assignee, "due_at": due_at.to_rfc3339() }));
+                        self.record(
+                            "task",
+                            id,
+                            json!({ "assign": assignee, "due_at": due_at.to_rfc3339() }),
+                        );
                     }
                     (None, _) => {
                         self.record("skipped", id, json!({ "reason": format!("`{}` names nobody for this customer", assign.source()) }));
@@ -518,16 +657,32 @@ impl Exec<'_, '_> {
                 self.end(outcome);
                 Flow::End
             }
-            StepKind::Plugin { kind, with, outputs, next } => {
+            StepKind::Plugin {
+                kind,
+                with,
+                outputs,
+                next,
+            } => {
                 let Some(plugin) = self.cx.registry.kind(kind) else {
-                    self.record("error", id, json!({ "error": format!("node kind `{kind}` is not registered") }));
+                    self.record(
+                        "error",
+                        id,
+                        json!({ "error": format!("node kind `{kind}` is not registered") }),
+                    );
                     return Flow::Go(*next);
                 };
                 let plugin = plugin.clone();
-                let (flow_id, run_id, now) = (self.run.flow.clone(), self.run.id.clone(), self.cx.now);
+                let (flow_id, run_id, now) =
+                    (self.run.flow.clone(), self.run.id.clone(), self.cx.now);
                 let before = self.customer.cooldowns.clone();
                 let result = {
-                    let mut pcx = PluginCx { flow: &flow_id, step: &id, run_id: &run_id, customer: self.customer, now };
+                    let mut pcx = PluginCx {
+                        flow: &flow_id,
+                        step: &id,
+                        run_id: &run_id,
+                        customer: self.customer,
+                        now,
+                    };
                     plugin.run(with, &mut pcx)
                 };
                 if self.customer.cooldowns != before {
@@ -573,7 +728,9 @@ impl Exec<'_, '_> {
             match &spec.address {
                 None => Some((c.clone(), None)),
                 Some(attr) => match self.customer.attributes.get(attr) {
-                    Some(Json::String(s)) if !s.trim().is_empty() => Some((c.clone(), Some(s.clone()))),
+                    Some(Json::String(s)) if !s.trim().is_empty() => {
+                        Some((c.clone(), Some(s.clone())))
+                    }
                     Some(Json::Number(n)) => Some((c.clone(), Some(n.to_string()))),
                     _ => None,
                 },
@@ -585,7 +742,13 @@ impl Exec<'_, '_> {
             return Flow::Go(next);
         };
         let transactional = priority == Priority::Transactional;
-        match self.cx.policy.decide(&channel, transactional, &self.customer.sends, self.cx.now, self.tz) {
+        match self.cx.policy.decide(
+            &channel,
+            transactional,
+            &self.customer.sends,
+            self.cx.now,
+            self.tz,
+        ) {
             Decision::Send => {}
             Decision::Delay { until, reason } => {
                 self.run.wake_at = Some(until);
@@ -603,7 +766,11 @@ impl Exec<'_, '_> {
         let payload = match self.render_message(&channel, files) {
             Ok(p) => p,
             Err(e) => {
-                self.record("skipped", id.to_owned(), json!({ "channel": channel, "template": template, "reason": e }));
+                self.record(
+                    "skipped",
+                    id.to_owned(),
+                    json!({ "channel": channel, "template": template, "reason": e }),
+                );
                 return Flow::Go(next);
             }
         };
@@ -622,17 +789,28 @@ impl Exec<'_, '_> {
             created_at: self.cx.now,
         });
         if !transactional {
-            self.customer.sends.push(SentMark { at: self.cx.now, channel: channel.clone() });
+            self.customer.sends.push(SentMark {
+                at: self.cx.now,
+                channel: channel.clone(),
+            });
             self.cx.policy.prune(&mut self.customer.sends, self.cx.now);
             self.out.customer_changed = true;
         }
         self.run.last_touch = Some(id.to_owned());
-        self.record("sent", id.to_owned(), json!({ "channel": channel, "template": template }));
+        self.record(
+            "sent",
+            id.to_owned(),
+            json!({ "channel": channel, "template": template }),
+        );
         Flow::Go(next)
     }
 
     /// Render the channel's template files: `{subject?, text?, html?}`.
-    fn render_message(&self, channel: &str, files: &std::collections::BTreeMap<String, Vec<String>>) -> Result<Json, String> {
+    fn render_message(
+        &self,
+        channel: &str,
+        files: &std::collections::BTreeMap<String, Vec<String>>,
+    ) -> Result<Json, String> {
         let Some(paths) = files.get(channel) else {
             return Err(format!("no template file for {channel}"));
         };
@@ -641,18 +819,27 @@ impl Exec<'_, '_> {
             let Some(file) = self.flow().templates.get(path) else {
                 return Err(format!("template file {path} is not in the flow version"));
             };
-            let text = self.render_text(path, &file.source).map_err(|e| e.to_string())?;
+            let text = self
+                .render_text(path, &file.source)
+                .map_err(|e| e.to_string())?;
             let (subject, body) = match text.strip_prefix("Subject:") {
                 Some(rest) => {
                     let (s, b) = rest.split_once('\n').unwrap_or((rest, ""));
-                    (Some(s.trim().to_owned()), b.trim_start_matches(['\r', '\n']).to_owned())
+                    (
+                        Some(s.trim().to_owned()),
+                        b.trim_start_matches(['\r', '\n']).to_owned(),
+                    )
                 }
                 None => (None, text),
             };
             if let Some(s) = subject {
                 payload.insert("subject".into(), json!(s));
             }
-            let key = if path.ends_with(".html") { "html" } else { "text" };
+            let key = if path.ends_with(".html") {
+                "html"
+            } else {
+                "text"
+            };
             payload.insert(key.into(), json!(body));
         }
         Ok(Json::Object(payload))
@@ -667,7 +854,11 @@ impl Exec<'_, '_> {
                 Err(e) => {
                     // A date the customer does not have cannot be waited for: move on and
                     // say why, rather than park the run forever.
-                    self.record("error", id.to_owned(), json!({ "until": expr.source(), "error": e.to_string() }));
+                    self.record(
+                        "error",
+                        id.to_owned(),
+                        json!({ "until": expr.source(), "error": e.to_string() }),
+                    );
                     return Flow::Go(next);
                 }
             },
@@ -675,18 +866,30 @@ impl Exec<'_, '_> {
                 let until = now + secs(timeout.as_secs());
                 self.run.waiting_for = Some(name.clone());
                 self.run.wake_at = Some(until);
-                self.record("waiting", id.to_owned(), json!({ "event": name, "until": until.to_rfc3339() }));
+                self.record(
+                    "waiting",
+                    id.to_owned(),
+                    json!({ "event": name, "until": until.to_rfc3339() }),
+                );
                 return Flow::Park;
             }
             Wait::Window { days, between } => next_in_window(now, self.tz, days, *between),
         };
         if until <= now {
-            self.record("waited", id.to_owned(), json!({ "until": until.to_rfc3339(), "passed": true }));
+            self.record(
+                "waited",
+                id.to_owned(),
+                json!({ "until": until.to_rfc3339(), "passed": true }),
+            );
             return Flow::Go(next);
         }
         self.run.wake_at = Some(until);
         self.run.waiting_for = None;
-        self.record("waiting", id.to_owned(), json!({ "until": until.to_rfc3339() }));
+        self.record(
+            "waiting",
+            id.to_owned(),
+            json!({ "until": until.to_rfc3339() }),
+        );
         Flow::Park
     }
 
@@ -732,7 +935,11 @@ impl Exec<'_, '_> {
         f(&scope)
     }
 
-    fn eval_bool(&self, expr: &crate::expr::Expr, event: Option<&Event>) -> Result<bool, eval::EvalError> {
+    fn eval_bool(
+        &self,
+        expr: &crate::expr::Expr,
+        event: Option<&Event>,
+    ) -> Result<bool, eval::EvalError> {
         self.with_scope(event, |s| eval::eval_bool(expr, s))
     }
 
@@ -786,7 +993,9 @@ pub fn split_point(flow: &str, step: &str, customer: &str) -> f64 {
 pub fn local_time(tz: Tz, date: NaiveDate, minutes: u32) -> Time {
     let mut m = minutes;
     loop {
-        let naive = date.and_hms_opt(0, 0, 0).map(|d| d + Span::minutes(i64::from(m)));
+        let naive = date
+            .and_hms_opt(0, 0, 0)
+            .map(|d| d + Span::minutes(i64::from(m)));
         let Some(naive) = naive else { break };
         match tz.from_local_datetime(&naive) {
             chrono::LocalResult::Single(t) => return t.with_timezone(&chrono::Utc),
@@ -816,7 +1025,12 @@ fn weekday_matches(days: &[Weekday], date: NaiveDate) -> bool {
 
 /// The first moment at or after `now` inside a customer-local send window. A window that
 /// wraps midnight (`20:00-02:00`) belongs to the day it opens on.
-pub fn next_in_window(now: Time, tz: Tz, days: &[Weekday], between: Option<(crate::duration::TimeOfDay, crate::duration::TimeOfDay)>) -> Time {
+pub fn next_in_window(
+    now: Time,
+    tz: Tz,
+    days: &[Weekday],
+    between: Option<(crate::duration::TimeOfDay, crate::duration::TimeOfDay)>,
+) -> Time {
     let today = now.with_timezone(&tz).date_naive();
     for offset in -1..=8i64 {
         let date = today + Span::days(offset);
@@ -824,9 +1038,18 @@ pub fn next_in_window(now: Time, tz: Tz, days: &[Weekday], between: Option<(crat
             continue;
         }
         let (start, end) = match between {
-            None => (local_time(tz, date, 0), local_time(tz, date + Span::days(1), 0)),
-            Some((a, z)) if a < z => (local_time(tz, date, u32::from(a.0)), local_time(tz, date, u32::from(z.0))),
-            Some((a, z)) => (local_time(tz, date, u32::from(a.0)), local_time(tz, date + Span::days(1), u32::from(z.0))),
+            None => (
+                local_time(tz, date, 0),
+                local_time(tz, date + Span::days(1), 0),
+            ),
+            Some((a, z)) if a < z => (
+                local_time(tz, date, u32::from(a.0)),
+                local_time(tz, date, u32::from(z.0)),
+            ),
+            Some((a, z)) => (
+                local_time(tz, date, u32::from(a.0)),
+                local_time(tz, date + Span::days(1), u32::from(z.0)),
+            ),
         };
         if end > now {
             return start.max(now);
@@ -841,14 +1064,18 @@ mod tests {
     use crate::duration::TimeOfDay;
 
     fn t(s: &str) -> Time {
-        chrono::DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&chrono::Utc)
+        chrono::DateTime::parse_from_rfc3339(s)
+            .unwrap()
+            .with_timezone(&chrono::Utc)
     }
 
     #[test]
     fn split_points_are_stable_and_spread() {
         assert_eq!(split_point("f", "s", "c1"), split_point("f", "s", "c1"));
         let n = 20_000;
-        let below: usize = (0..n).filter(|i| split_point("f", "s", &format!("c{i}")) < 10.0).count();
+        let below: usize = (0..n)
+            .filter(|i| split_point("f", "s", &format!("c{i}")) < 10.0)
+            .count();
         let share = below as f64 / n as f64;
         assert!((0.09..0.11).contains(&share), "{share}");
     }
@@ -858,14 +1085,26 @@ mod tests {
         let tz: Tz = "Asia/Shanghai".parse().unwrap();
         let w = Some((TimeOfDay(10 * 60), TimeOfDay(20 * 60)));
         // 23:00 Shanghai → 10:00 next morning.
-        assert_eq!(next_in_window(t("2026-03-01T15:00:00Z"), tz, &[], w), t("2026-03-02T02:00:00Z"));
+        assert_eq!(
+            next_in_window(t("2026-03-01T15:00:00Z"), tz, &[], w),
+            t("2026-03-02T02:00:00Z")
+        );
         // Inside: now.
-        assert_eq!(next_in_window(t("2026-03-01T04:00:00Z"), tz, &[], w), t("2026-03-01T04:00:00Z"));
+        assert_eq!(
+            next_in_window(t("2026-03-01T04:00:00Z"), tz, &[], w),
+            t("2026-03-01T04:00:00Z")
+        );
         // 2026-03-01 is a Sunday: weekdays only → Monday 10:00.
-        assert_eq!(next_in_window(t("2026-03-01T04:00:00Z"), tz, &[Weekday::Mon], w), t("2026-03-02T02:00:00Z"));
+        assert_eq!(
+            next_in_window(t("2026-03-01T04:00:00Z"), tz, &[Weekday::Mon], w),
+            t("2026-03-02T02:00:00Z")
+        );
         // Wrapping window 20:00-02:00 at 01:00 Sunday local belongs to Saturday's window.
         let wrap = Some((TimeOfDay(20 * 60), TimeOfDay(2 * 60)));
-        assert_eq!(next_in_window(t("2026-02-28T17:00:00Z"), tz, &[Weekday::Sat], wrap), t("2026-02-28T17:00:00Z"));
+        assert_eq!(
+            next_in_window(t("2026-02-28T17:00:00Z"), tz, &[Weekday::Sat], wrap),
+            t("2026-02-28T17:00:00Z")
+        );
     }
 
     #[test]

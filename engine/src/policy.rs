@@ -309,6 +309,8 @@ pub struct Policy {
     pub when_capped: Handling,
     /// What happens to a message due in quiet hours (default: delay).
     pub when_quiet: Handling,
+    /// The opt-out events (default `unsubscribed` / `resubscribed`); `None` when turned off.
+    pub unsubscribe: Option<Unsubscribe>,
 }
 
 impl Default for Policy {
@@ -335,6 +337,7 @@ impl Default for Policy {
             }),
             when_capped: Handling::Skip,
             when_quiet: Handling::Delay,
+            unsubscribe: Some(Unsubscribe::default()),
         }
     }
 }
@@ -627,6 +630,80 @@ struct RawPolicy {
     quiet_hours: Option<RawQuiet>,
     when_capped: Option<Handling>,
     when_quiet: Option<Handling>,
+    unsubscribe: Option<RawUnsubscribe>,
+}
+
+/// `unsubscribe: off` or `unsubscribe: { event: unsubscribed, resubscribe: resubscribed }`.
+#[derive(Debug)]
+enum RawUnsubscribe {
+    Off,
+    Events(Unsubscribe),
+}
+
+impl<'de> Deserialize<'de> for RawUnsubscribe {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawUnsubscribe;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("`off` or a mapping with `event` and `resubscribe`")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawUnsubscribe, E> {
+                if v == "off" {
+                    Ok(RawUnsubscribe::Off)
+                } else {
+                    Err(E::custom(format!(
+                        "`unsubscribe: {v}` cannot be read; write `unsubscribe: off` or `unsubscribe: {{ event: unsubscribed, resubscribe: resubscribed }}`"
+                    )))
+                }
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<RawUnsubscribe, E> {
+                if v {
+                    Ok(RawUnsubscribe::Events(Unsubscribe::default()))
+                } else {
+                    Ok(RawUnsubscribe::Off)
+                }
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawUnsubscribe, A::Error> {
+                let m =
+                    Unsubscribe::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawUnsubscribe::Events(m))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The events that take a customer out of every flow, and back in.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Unsubscribe {
+    /// Ends every run of the customer at once and keeps them out of every flow.
+    #[serde(default = "default_unsubscribe")]
+    pub event: String,
+    /// Lets the customer enter flows again.
+    #[serde(default = "default_resubscribe")]
+    pub resubscribe: String,
+}
+
+fn default_unsubscribe() -> String {
+    "unsubscribed".to_owned()
+}
+
+fn default_resubscribe() -> String {
+    "resubscribed".to_owned()
+}
+
+impl Default for Unsubscribe {
+    fn default() -> Self {
+        Unsubscribe {
+            event: default_unsubscribe(),
+            resubscribe: default_resubscribe(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -777,6 +854,11 @@ impl Check {
             quiet_hours: quiet_hours?,
             when_capped: raw.when_capped.unwrap_or(defaults.when_capped),
             when_quiet: raw.when_quiet.unwrap_or(defaults.when_quiet),
+            unsubscribe: match &raw.unsubscribe {
+                None => defaults.unsubscribe,
+                Some(RawUnsubscribe::Off) => None,
+                Some(RawUnsubscribe::Events(u)) => Some(u.clone()),
+            },
         })
     }
 
@@ -942,6 +1024,22 @@ mod tests {
             Ok(p) => p,
             Err(e) => panic!("{e}"),
         }
+    }
+
+    #[test]
+    fn opt_out_events_default_rename_and_off() {
+        assert_eq!(parse("").unsubscribe, Some(Unsubscribe::default()));
+        assert_eq!(parse("unsubscribe: off\n").unsubscribe, None);
+        let renamed = parse("unsubscribe: { event: opted_out }\n")
+            .unsubscribe
+            .unwrap();
+        assert_eq!(
+            (renamed.event.as_str(), renamed.resubscribe.as_str()),
+            ("opted_out", "resubscribed")
+        );
+        let e = errors("unsubscribe: { evnt: x }\n");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].1, 1);
     }
 
     fn errors(text: &str) -> Vec<(Code, u32, u32, String)> {

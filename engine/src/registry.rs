@@ -30,9 +30,16 @@ pub trait NodeKind: Send + Sync + fmt::Debug {
     /// Run the step for one customer: `Ok(None)` continues to `next`, `Ok(Some(output))`
     /// takes that output. Must be pure: everything it may read or change is in `cx`.
     /// An error ends nothing: the run records it and continues to `next`.
-    fn run(&self, with: &serde_json::Value, cx: &mut PluginCx<'_>) -> Result<Option<String>, String> {
+    fn run(
+        &self,
+        with: &serde_json::Value,
+        cx: &mut PluginCx<'_>,
+    ) -> Result<Option<String>, String> {
         let _ = (with, cx);
-        Err(format!("node kind `{}` cannot run: it only validates", self.name()))
+        Err(format!(
+            "node kind `{}` cannot run: it only validates",
+            self.name()
+        ))
     }
 }
 

@@ -48,7 +48,10 @@ impl FlowSet {
         self.by_event.clear();
         for f in self.current.values() {
             if let Trigger::Event { name, .. } = &f.trigger {
-                self.by_event.entry(name.clone()).or_default().push(f.clone());
+                self.by_event
+                    .entry(name.clone())
+                    .or_default()
+                    .push(f.clone());
             }
         }
     }
@@ -109,7 +112,13 @@ pub struct Runtime<S> {
 
 impl<S: Store> Runtime<S> {
     pub fn new(store: S, flows: FlowSet, policy: Policy, registry: Registry) -> Runtime<S> {
-        Runtime { store, flows, policy, registry, batch_size: 1000 }
+        Runtime {
+            store,
+            flows,
+            policy,
+            registry,
+            batch_size: 1000,
+        }
     }
 
     /// Record the current flow versions.
@@ -236,8 +245,13 @@ impl<S: Store> Runtime<S> {
         let mut stats = Stats::default();
         let mut after: Option<String> = None;
         loop {
-            let ids = self.store.customer_ids(after.as_deref(), self.batch_size).await?;
-            let Some(last) = ids.last().cloned() else { return Ok(stats) };
+            let ids = self
+                .store
+                .customer_ids(after.as_deref(), self.batch_size)
+                .await?;
+            let Some(last) = ids.last().cloned() else {
+                return Ok(stats);
+            };
             let mut work = self.load(&ids, now).await?;
             for id in &ids {
                 let mut cs = work.entry(id, now);
@@ -246,7 +260,9 @@ impl<S: Store> Runtime<S> {
                         Trigger::Schedule { audience, .. } => {
                             let member = match audience {
                                 None => true,
-                                Some(a) => holds(&self.policy, flow, &cs.loaded.customer, a, None, now),
+                                Some(a) => {
+                                    holds(&self.policy, flow, &cs.loaded.customer, a, None, now)
+                                }
                             };
                             if member {
                                 self.start(&mut cs, flow, None, now);
@@ -266,7 +282,8 @@ impl<S: Store> Runtime<S> {
         let states = self.store.load(ids, now).await?;
         let mut work = Work::default();
         for st in states {
-            work.customers.insert(st.customer.id.clone(), Loaded::from(st));
+            work.customers
+                .insert(st.customer.id.clone(), Loaded::from(st));
         }
         Ok(work)
     }
@@ -291,7 +308,13 @@ impl<S: Store> Runtime<S> {
         let mut stats = work.stats;
         stats.transitions = work.batch.history.len() as u64;
         stats.outbox = work.batch.outbox.len() as u64;
-        stats.calls = work.batch.outbox.iter().filter(|o| o.kind == OutboxKind::Call).cloned().collect();
+        stats.calls = work
+            .batch
+            .outbox
+            .iter()
+            .filter(|o| o.kind == OutboxKind::Call)
+            .cloned()
+            .collect();
         if !work.batch.is_empty() {
             self.store.commit(&work.batch).await?;
             stats.commits = 1;
@@ -300,7 +323,12 @@ impl<S: Store> Runtime<S> {
     }
 
     fn ctx<'a>(&'a self, flow: &'a CompiledFlow, now: Time) -> Ctx<'a> {
-        Ctx { flow, policy: &self.policy, registry: &self.registry, now }
+        Ctx {
+            flow,
+            policy: &self.policy,
+            registry: &self.registry,
+            now,
+        }
     }
 
     fn on_event(&self, cs: &mut Slot<'_>, event: &Event, now: Time) {
@@ -316,15 +344,42 @@ impl<S: Store> Runtime<S> {
             let Some(flow) = self.flows.version(&run.version) else {
                 continue;
             };
-            let tr = executor::step(&self.ctx(flow, now), run, &mut loaded.customer, Input::Event(event));
+            let tr = executor::step(
+                &self.ctx(flow, now),
+                run,
+                &mut loaded.customer,
+                Input::Event(event),
+            );
             absorb(tr, dirty, &mut loaded.customer_dirty, cs.batch);
         }
         loaded.settle();
-        for flow in self.flows.started_by(&event.name) {
-            if let Trigger::Event { condition: Some(c), .. } = &flow.trigger {
-                if !holds(&self.policy, flow, &cs.loaded.customer, c, Some(event), now) {
-                    continue;
+        if let Some(opt) = &self.policy.unsubscribe {
+            if event.name == opt.event {
+                // Out of every flow at once, and out of new ones until they opt in again.
+                for (run, dirty) in &mut loaded.runs {
+                    let Some(flow) = self.flows.version(&run.version) else {
+                        continue;
+                    };
+                    let tr = executor::stop(&self.ctx(flow, now), run, &mut loaded.customer, event);
+                    absorb(tr, dirty, &mut loaded.customer_dirty, cs.batch);
                 }
+                loaded.settle();
+                loaded.customer.unsubscribed_at = Some(now);
+                loaded.customer_dirty = true;
+                return;
+            }
+            if event.name == opt.resubscribe && loaded.customer.unsubscribed_at.is_some() {
+                loaded.customer.unsubscribed_at = None;
+                loaded.customer_dirty = true;
+            }
+        }
+        for flow in self.flows.started_by(&event.name) {
+            if let Trigger::Event {
+                condition: Some(c), ..
+            } = &flow.trigger
+                && !holds(&self.policy, flow, &cs.loaded.customer, c, Some(event), now)
+            {
+                continue;
             }
             self.start(cs, flow, Some(event), now);
         }
@@ -348,7 +403,12 @@ impl<S: Store> Runtime<S> {
             let Some(flow) = self.flows.version(&run.version) else {
                 continue;
             };
-            let tr = executor::step(&self.ctx(flow, now), run, &mut loaded.customer, Input::Profile);
+            let tr = executor::step(
+                &self.ctx(flow, now),
+                run,
+                &mut loaded.customer,
+                Input::Profile,
+            );
             absorb(tr, dirty, &mut loaded.customer_dirty, cs.batch);
         }
         loaded.settle();
@@ -368,7 +428,10 @@ impl<S: Store> Runtime<S> {
         let Some(flow) = self.flows.version(&run.version) else {
             return;
         };
-        let input = Input::CallResult { step: &result.step, response: &result.response };
+        let input = Input::CallResult {
+            step: &result.step,
+            response: &result.response,
+        };
         let tr = executor::step(&self.ctx(flow, now), run, &mut loaded.customer, input);
         absorb(tr, dirty, &mut loaded.customer_dirty, cs.batch);
         loaded.settle();
@@ -384,7 +447,12 @@ impl<S: Store> Runtime<S> {
                 tracing::error!(run = %run.id, version = %run.version, "run is pinned to a flow version this process has not loaded");
                 continue;
             };
-            let tr = executor::step(&self.ctx(flow, now), run, &mut loaded.customer, Input::Timer);
+            let tr = executor::step(
+                &self.ctx(flow, now),
+                run,
+                &mut loaded.customer,
+                Input::Timer,
+            );
             absorb(tr, dirty, &mut loaded.customer_dirty, cs.batch);
         }
         loaded.settle();
@@ -395,8 +463,19 @@ impl<S: Store> Runtime<S> {
         let Trigger::Segment { condition, .. } = &flow.trigger else {
             return;
         };
-        let inside = holds(&self.policy, flow, &cs.loaded.customer, condition, None, now);
-        let was = cs.loaded.enrolments.get(&flow.id).is_some_and(|(e, _)| e.in_segment);
+        let inside = holds(
+            &self.policy,
+            flow,
+            &cs.loaded.customer,
+            condition,
+            None,
+            now,
+        );
+        let was = cs
+            .loaded
+            .enrolments
+            .get(&flow.id)
+            .is_some_and(|(e, _)| e.in_segment);
         if inside != was {
             let (e, dirty) = cs.loaded.enrolment(&flow.id);
             e.in_segment = inside;
@@ -409,6 +488,9 @@ impl<S: Store> Runtime<S> {
 
     fn start(&self, cs: &mut Slot<'_>, flow: &Arc<CompiledFlow>, event: Option<&Event>, now: Time) {
         let loaded = &mut *cs.loaded;
+        if loaded.customer.unsubscribed_at.is_some() {
+            return;
+        }
         let customer_id = loaded.customer.id.clone();
         let (enrolment, enrolment_dirty) = loaded.enrolment(&flow.id);
         if executor::may_enter(flow, Some(enrolment), now).is_err() {
@@ -419,7 +501,12 @@ impl<S: Store> Runtime<S> {
         enrolment.last_entered_at = Some(now);
         enrolment.active_run = Some(run.id.clone());
         *enrolment_dirty = true;
-        let tr = executor::step(&self.ctx(flow, now), &mut run, &mut loaded.customer, Input::Start);
+        let tr = executor::step(
+            &self.ctx(flow, now),
+            &mut run,
+            &mut loaded.customer,
+            Input::Start,
+        );
         let mut dirty = true;
         absorb(tr, &mut dirty, &mut loaded.customer_dirty, cs.batch);
         loaded.runs.push((run, true));
@@ -430,7 +517,14 @@ impl<S: Store> Runtime<S> {
 
 /// Whether a trigger condition, audience or segment holds for a customer; a condition that
 /// cannot be evaluated for this customer (a missing attribute) does not hold.
-fn holds(policy: &Policy, flow: &CompiledFlow, customer: &Customer, expr: &crate::expr::Expr, event: Option<&Event>, now: Time) -> bool {
+fn holds(
+    policy: &Policy,
+    flow: &CompiledFlow,
+    customer: &Customer,
+    expr: &crate::expr::Expr,
+    event: Option<&Event>,
+    now: Time,
+) -> bool {
     let mut profile = customer.attributes.clone();
     profile.insert("id".into(), json!(customer.id));
     let event = event.map(Event::to_json);
@@ -465,7 +559,11 @@ impl Work {
             .customers
             .entry(id.to_owned())
             .or_insert_with(|| Loaded::new(Customer::new(id, now)));
-        Slot { loaded, batch: &mut self.batch, stats: &mut self.stats }
+        Slot {
+            loaded,
+            batch: &mut self.batch,
+            stats: &mut self.stats,
+        }
     }
 }
 
@@ -480,14 +578,27 @@ struct Loaded {
 
 impl Loaded {
     fn new(customer: Customer) -> Loaded {
-        Loaded { customer, customer_dirty: true, runs: Vec::new(), converting: Vec::new(), enrolments: HashMap::new() }
+        Loaded {
+            customer,
+            customer_dirty: true,
+            runs: Vec::new(),
+            converting: Vec::new(),
+            enrolments: HashMap::new(),
+        }
     }
 
     fn enrolment(&mut self, flow: &str) -> (&mut Enrolment, &mut bool) {
         let customer_id = self.customer.id.clone();
         let (e, d) = self.enrolments.entry(flow.to_owned()).or_insert_with(|| {
             (
-                Enrolment { flow: flow.to_owned(), customer_id, entries: 0, last_entered_at: None, active_run: None, in_segment: false },
+                Enrolment {
+                    flow: flow.to_owned(),
+                    customer_id,
+                    entries: 0,
+                    last_entered_at: None,
+                    active_run: None,
+                    in_segment: false,
+                },
                 true,
             )
         });
@@ -500,11 +611,11 @@ impl Loaded {
         while i < self.runs.len() {
             if self.runs[i].0.status == RunStatus::Ended {
                 let (run, dirty) = self.runs.remove(i);
-                if let Some((e, d)) = self.enrolments.get_mut(&run.flow) {
-                    if e.active_run.as_deref() == Some(run.id.as_str()) {
-                        e.active_run = None;
-                        *d = true;
-                    }
+                if let Some((e, d)) = self.enrolments.get_mut(&run.flow)
+                    && e.active_run.as_deref() == Some(run.id.as_str())
+                {
+                    e.active_run = None;
+                    *d = true;
                 }
                 self.converting.push((run, dirty));
             } else {
@@ -521,7 +632,11 @@ impl From<CustomerState> for Loaded {
             customer_dirty: false,
             runs: st.runs.into_iter().map(|r| (r, false)).collect(),
             converting: st.converting.into_iter().map(|r| (r, false)).collect(),
-            enrolments: st.enrolments.into_iter().map(|e| (e.flow.clone(), (e, false))).collect(),
+            enrolments: st
+                .enrolments
+                .into_iter()
+                .map(|e| (e.flow.clone(), (e, false)))
+                .collect(),
         }
     }
 }
@@ -547,12 +662,16 @@ fn absorb(tr: Transition, dirty: &mut bool, customer_dirty: &mut bool, batch: &m
 
 fn unique<'a>(ids: impl Iterator<Item = &'a str>) -> Vec<String> {
     let mut seen = std::collections::HashSet::new();
-    ids.filter(|id| seen.insert(*id)).map(str::to_owned).collect()
+    ids.filter(|id| seen.insert(*id))
+        .map(str::to_owned)
+        .collect()
 }
 
 fn next_cron(flow: &CompiledFlow, cron: &croner::Cron, after: Time) -> Option<Time> {
     let local = after.with_timezone(&flow.timezone);
-    cron.find_next_occurrence(&local, false).ok().map(|t| t.with_timezone(&Utc))
+    cron.find_next_occurrence(&local, false)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
 }
 
 /// Segment rechecks fall on multiples of the period since the epoch, so every process and
@@ -563,4 +682,3 @@ fn next_recheck(period_secs: u64, after: Time) -> Time {
     let next = (t.div_euclid(p) + 1) * p;
     chrono::DateTime::from_timestamp(next, 0).unwrap_or(after)
 }
-

@@ -107,7 +107,8 @@ pub struct Scenario {
     pub also: Vec<Spanned<String>>,
     pub start: Time,
     pub until: Time,
-    /// Customers, then events and profile updates, in time order (stable for equal times).
+    /// Customers, profile updates and events in time order; at one moment profile updates
+    /// come before events.
     pub timeline: Vec<(Time, InboxItem)>,
     pub customer_ids: Vec<String>,
     /// Offsets the file wrote times in, by customer (for showing times back the same way).
@@ -128,18 +129,28 @@ pub fn parse_time(text: &str) -> Result<DateTime<FixedOffset>, String> {
         Some(rest) => format!("{rest}+00:00"),
         None => t.to_owned(),
     };
-    for fmt in ["%Y-%m-%dT%H:%M%:z", "%Y-%m-%d %H:%M%:z", "%Y-%m-%d %H:%M:%S%:z"] {
+    for fmt in [
+        "%Y-%m-%dT%H:%M%:z",
+        "%Y-%m-%d %H:%M%:z",
+        "%Y-%m-%d %H:%M:%S%:z",
+    ] {
         if let Ok(d) = DateTime::parse_from_str(&normal, fmt) {
             return Ok(d);
         }
     }
-    let looks_local = chrono::NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M").is_ok()
-        || chrono::NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S").is_ok()
-        || chrono::NaiveDate::parse_from_str(t, "%Y-%m-%d").is_ok();
-    if looks_local {
-        Err(format!("`{t}` needs a time and an offset, e.g. `2026-03-14T09:00+08:00`"))
+    let local_time = ["%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M"]
+        .iter()
+        .any(|f| chrono::NaiveDateTime::parse_from_str(t, f).is_ok());
+    if local_time {
+        Err(format!("`{t}` needs an offset, e.g. `{t}+08:00` or `{t}Z`"))
+    } else if chrono::NaiveDate::parse_from_str(t, "%Y-%m-%d").is_ok() {
+        Err(format!(
+            "`{t}` needs a time and an offset, e.g. `{t}T09:00+08:00`"
+        ))
     } else {
-        Err(format!("`{t}` is not a time; write e.g. `2026-03-14T09:00+08:00`"))
+        Err(format!(
+            "`{t}` is not a time; write e.g. `2026-03-14T09:00+08:00`"
+        ))
     }
 }
 
@@ -150,7 +161,11 @@ struct Errors {
 
 impl Errors {
     fn at(&mut self, span: Span, message: impl Into<String>) {
-        self.list.push(FileError { file: self.file.clone(), span, message: message.into() });
+        self.list.push(FileError {
+            file: self.file.clone(),
+            span,
+            message: message.into(),
+        });
     }
 
     fn time(&mut self, s: &Spanned<String>) -> Option<DateTime<FixedOffset>> {
@@ -167,14 +182,21 @@ impl Errors {
 /// Read a scenario or test file; `flow` names the flow when the file does not.
 pub fn load(path: &Path, flow: Option<&str>) -> Result<Scenario, ScenarioError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
-        ScenarioError::File(vec![FileError { file: path.to_owned(), span: Span::default(), message: format!("cannot read: {e}") }])
+        ScenarioError::File(vec![FileError {
+            file: path.to_owned(),
+            span: Span::default(),
+            message: format!("cannot read: {e}"),
+        }])
     })?;
     parse(path, &text, flow)
 }
 
 /// Parse a scenario or test file's text.
 pub fn parse(path: &Path, text: &str, flow: Option<&str>) -> Result<Scenario, ScenarioError> {
-    let mut errs = Errors { file: path.to_owned(), list: Vec::new() };
+    let mut errs = Errors {
+        file: path.to_owned(),
+        list: Vec::new(),
+    };
     let doc = match yaml::parse(text, &yaml::Limits::default()) {
         Ok(d) => d,
         Err(e) => {
@@ -194,13 +216,22 @@ pub fn parse(path: &Path, text: &str, flow: Option<&str>) -> Result<Scenario, Sc
     };
     let flow_id = match (&raw.flow, flow) {
         (Some(f), Some(want)) if f.value != want => {
-            errs.at(f.span, format!("this timeline is for `{}`, not `{want}`", f.value));
+            errs.at(
+                f.span,
+                format!("this timeline is for `{}`, not `{want}`", f.value),
+            );
             None
         }
         (Some(f), _) => Some(f.clone()),
-        (None, Some(want)) => Some(Spanned { span: Span::default(), value: want.to_owned() }),
+        (None, Some(want)) => Some(Spanned {
+            span: Span::default(),
+            value: want.to_owned(),
+        }),
         (None, None) => {
-            errs.at(doc.root.span, "missing key `flow`: the id of the flow under test");
+            errs.at(
+                doc.root.span,
+                "missing key `flow`: the id of the flow under test",
+            );
             None
         }
     };
@@ -209,27 +240,38 @@ pub fn parse(path: &Path, text: &str, flow: Option<&str>) -> Result<Scenario, Sc
     let mut timeline: Vec<(Time, InboxItem)> = Vec::new();
     let mut ids = Vec::new();
     let mut offsets = BTreeMap::new();
-    let default_offset = start.map(|s| *s.offset()).unwrap_or_else(|| chrono::Utc.fix());
+    let default_offset = start
+        .map(|s| *s.offset())
+        .unwrap_or_else(|| chrono::Utc.fix());
     if raw.customers.len() + raw.events.len() + raw.profiles.len() > MAX_ITEMS {
-        errs.at(raw.start.span, format!("a scenario holds at most {MAX_ITEMS} customers, events and profile updates"));
+        errs.at(
+            raw.start.span,
+            format!("a scenario holds at most {MAX_ITEMS} customers, events and profile updates"),
+        );
     }
     if let (Some(s), Some(u)) = (start, until) {
         if u <= s {
             errs.at(raw.run_until.span, "`run_until` must be after `start`");
         } else if (u - s).num_days() > MAX_SPAN_DAYS {
-            errs.at(raw.run_until.span, format!("a scenario covers at most {MAX_SPAN_DAYS} days"));
+            errs.at(
+                raw.run_until.span,
+                format!("a scenario covers at most {MAX_SPAN_DAYS} days"),
+            );
         }
     }
     let start_utc = start.map(|s| s.to_utc());
     for c in &raw.customers {
         if ids.contains(&c.id.value) {
-            errs.at(c.id.span, format!("customer `{}` is listed twice", c.id.value));
+            errs.at(
+                c.id.span,
+                format!("customer `{}` is listed twice", c.id.value),
+            );
             continue;
         }
-        if let Some(tz) = &c.timezone {
-            if tz.value.parse::<chrono_tz::Tz>().is_err() {
-                errs.at(tz.span, format!("`{}` is not an IANA time zone", tz.value));
-            }
+        if let Some(tz) = &c.timezone
+            && tz.value.parse::<chrono_tz::Tz>().is_err()
+        {
+            errs.at(tz.span, format!("`{}` is not an IANA time zone", tz.value));
         }
         ids.push(c.id.value.clone());
         if let Some(s) = start_utc {
@@ -249,25 +291,39 @@ pub fn parse(path: &Path, text: &str, flow: Option<&str>) -> Result<Scenario, Sc
             let hint = crate::diagnostic::did_you_mean(&c.value, ids.iter().map(String::as_str))
                 .map(|s| format!("; did you mean `{s}`?"))
                 .unwrap_or_default();
-            errs.at(c.span, format!("customer `{}` is not under `customers`{hint}", c.value));
+            errs.at(
+                c.span,
+                format!("customer `{}` is not under `customers`{hint}", c.value),
+            );
         }
     };
     let in_range = |errs: &mut Errors, at: &Spanned<String>, t: DateTime<FixedOffset>| {
-        if let (Some(s), Some(u)) = (start, until) {
-            if t < s || t > u {
-                errs.at(at.span, format!("`{}` is outside the scenario ({} to {})", at.value, raw.start.value, raw.run_until.value));
-            }
+        if let (Some(s), Some(u)) = (start, until)
+            && (t < s || t > u)
+        {
+            errs.at(
+                at.span,
+                format!(
+                    "`{}` is outside the scenario ({} to {})",
+                    at.value, raw.start.value, raw.run_until.value
+                ),
+            );
         }
     };
     for (n, e) in raw.events.iter().enumerate() {
         known(&mut errs, &e.customer);
         let Some(at) = errs.time(&e.at) else { continue };
         in_range(&mut errs, &e.at, at);
-        offsets.entry(e.customer.value.clone()).or_insert(*at.offset());
+        offsets
+            .entry(e.customer.value.clone())
+            .or_insert(*at.offset());
         timeline.push((
             at.to_utc(),
             InboxItem::Event(Event {
-                id: e.id.clone().unwrap_or_else(|| format!("{}#{}", path.display(), n + 1)),
+                id: e
+                    .id
+                    .clone()
+                    .unwrap_or_else(|| format!("{}#{}", path.display(), n + 1)),
                 customer_id: e.customer.value.clone(),
                 name: e.name.value.clone(),
                 data: e.data.clone(),
@@ -298,7 +354,9 @@ pub fn parse(path: &Path, text: &str, flow: Option<&str>) -> Result<Scenario, Sc
     let (Some(start), Some(until), Some(flow)) = (start, until, flow_id) else {
         return Err(ScenarioError::File(errs.list));
     };
-    timeline.sort_by_key(|(t, _)| *t);
+    // At one moment: profile changes first (a CRM updates `orders_count` before it sends
+    // `order_paid`), then events; each list keeps its file order (the sort is stable).
+    timeline.sort_by_key(|(t, item)| (*t, !matches!(item, InboxItem::Profile(_))));
     Ok(Scenario {
         file: path.to_owned(),
         flow,
@@ -344,16 +402,25 @@ pub async fn run_on<S: Store>(
     registry: Registry,
     store: S,
 ) -> Result<Outcome<S>, ScenarioError> {
-    let mut errs = Errors { file: scenario.file.clone(), list: Vec::new() };
+    let mut errs = Errors {
+        file: scenario.file.clone(),
+        list: Vec::new(),
+    };
     let mut picked = Vec::new();
     for want in std::iter::once(&scenario.flow).chain(&scenario.also) {
         match flows.iter().find(|f| f.id == want.value) {
             Some(f) => picked.push((*f).clone()),
             None => {
-                let hint = crate::diagnostic::did_you_mean(&want.value, flows.iter().map(|f| f.id.as_str()))
-                    .map(|s| format!("; did you mean `{s}`?"))
-                    .unwrap_or_default();
-                errs.at(want.span, format!("no valid flow `{}` next to this file{hint}", want.value));
+                let hint = crate::diagnostic::did_you_mean(
+                    &want.value,
+                    flows.iter().map(|f| f.id.as_str()),
+                )
+                .map(|s| format!("; did you mean `{s}`?"))
+                .unwrap_or_default();
+                errs.at(
+                    want.span,
+                    format!("no valid flow `{}` next to this file{hint}", want.value),
+                );
             }
         }
     }
@@ -389,7 +456,11 @@ pub async fn run_on<S: Store>(
                 .drain(..)
                 .map(|c| {
                     InboxItem::CallResult(CallResult {
-                        response: scenario.calls.get(&c.channel).cloned().unwrap_or_else(|| Json::Object(Map::new())),
+                        response: scenario
+                            .calls
+                            .get(&c.channel)
+                            .cloned()
+                            .unwrap_or_else(|| Json::Object(Map::new())),
                         run_id: c.run_id,
                         customer_id: c.customer_id,
                         step: c.step,
@@ -409,7 +480,9 @@ pub async fn run_on<S: Store>(
             (a, b) => a.or(b),
         };
         match next {
-            Some(t) if t <= scenario.until => clock.advance_to(t.max(now + chrono::Duration::milliseconds(1))),
+            Some(t) if t <= scenario.until => {
+                clock.advance_to(t.max(now + chrono::Duration::milliseconds(1)))
+            }
             _ => break,
         }
     }

@@ -25,6 +25,9 @@ pub struct Customer {
     /// Cooldown keys → when the customer last passed them (`use: cooldown`).
     #[serde(default)]
     pub cooldowns: Map<String, Json>,
+    /// Set by the opt-out event (`canvas.yaml` `unsubscribe`): no flow may enter while set.
+    #[serde(default)]
+    pub unsubscribed_at: Option<Time>,
     pub updated_at: Time,
 }
 
@@ -36,6 +39,7 @@ impl Customer {
             timezone: None,
             sends: Vec::new(),
             cooldowns: Map::new(),
+            unsubscribed_at: None,
             updated_at: now,
         }
     }

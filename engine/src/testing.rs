@@ -102,7 +102,10 @@ pub fn discover(paths: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
         } else if p.exists() {
             out.push(p.clone());
         } else {
-            return Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("{} does not exist", p.display())));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{} does not exist", p.display()),
+            ));
         }
     }
     out.sort();
@@ -128,7 +131,11 @@ pub fn policy_for(dir: &Path) -> Result<Policy, ScenarioError> {
         let candidate = d.join("canvas.yaml");
         if candidate.is_file() {
             return Policy::load(&candidate).map_err(|e| {
-                ScenarioError::File(vec![FileError { file: candidate.clone(), span: Span::default(), message: e.to_string() }])
+                ScenarioError::File(vec![FileError {
+                    file: candidate.clone(),
+                    span: Span::default(),
+                    message: e.to_string(),
+                }])
             });
         }
     }
@@ -138,10 +145,18 @@ pub fn policy_for(dir: &Path) -> Result<Policy, ScenarioError> {
 /// Run one test file: load the flows beside it, play the scenario, check the expectations.
 pub async fn run_file(path: &Path, registry: &Registry) -> Result<Report, ScenarioError> {
     let scenario = scenario::load(path, None)?;
-    let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-    let validation = crate::project::validate_paths(std::slice::from_ref(&dir), registry).map_err(|e| {
-        ScenarioError::File(vec![FileError { file: path.to_owned(), span: scenario.flow.span, message: e.to_string() }])
-    })?;
+    let dir = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let validation =
+        crate::project::validate_paths(std::slice::from_ref(&dir), registry).map_err(|e| {
+            ScenarioError::File(vec![FileError {
+                file: path.to_owned(),
+                span: scenario.flow.span,
+                message: e.to_string(),
+            }])
+        })?;
     let flows: Vec<_> = validation.flows().collect();
     let policy = policy_for(&dir)?;
     let outcome = scenario::run(&scenario, &flows, policy, registry.clone()).await?;
@@ -149,24 +164,55 @@ pub async fn run_file(path: &Path, registry: &Registry) -> Result<Report, Scenar
 }
 
 /// Check a played scenario's expectations against its store.
-pub async fn check<S: Store>(sc: &Scenario, store: &S, stats: &Stats) -> Result<Report, ScenarioError> {
+pub async fn check<S: Store>(
+    sc: &Scenario,
+    store: &S,
+    stats: &Stats,
+) -> Result<Report, ScenarioError> {
     let flow = sc.flow.value.as_str();
     let mut failures = Vec::new();
     let mut expectations = 0;
     let conversions = store.conversions(Some(flow)).await?;
     for x in &sc.expect {
         let customer = x.customer.value.as_str();
-        let offset = sc.offsets.get(customer).copied().unwrap_or(sc.default_offset);
-        let outbox: Vec<OutboxRow> = store.outbox(Some(customer)).await?.into_iter().filter(|o| o.flow == flow).collect();
-        let history: Vec<HistoryEntry> = store.history(Some(customer)).await?.into_iter().filter(|h| h.flow == flow).collect();
-        let runs: Vec<Run> = store.runs(customer).await?.into_iter().filter(|r| r.flow == flow).collect();
+        let offset = sc
+            .offsets
+            .get(customer)
+            .copied()
+            .unwrap_or(sc.default_offset);
+        let outbox: Vec<OutboxRow> = store
+            .outbox(Some(customer))
+            .await?
+            .into_iter()
+            .filter(|o| o.flow == flow)
+            .collect();
+        let history: Vec<HistoryEntry> = store
+            .history(Some(customer))
+            .await?
+            .into_iter()
+            .filter(|h| h.flow == flow)
+            .collect();
+        let runs: Vec<Run> = store
+            .runs(customer)
+            .await?
+            .into_iter()
+            .filter(|r| r.flow == flow)
+            .collect();
         let last = runs.last();
         let mut fail = |span: Span, message: String| {
-            failures.push(Failure { customer: customer.to_owned(), line: span.start.line, column: span.start.col + 1, message });
+            failures.push(Failure {
+                customer: customer.to_owned(),
+                line: span.start.line,
+                column: span.start.col + 1,
+                message,
+            });
         };
         if let Some(sent) = &x.sent {
             expectations += 1;
-            let actual: Vec<&OutboxRow> = outbox.iter().filter(|o| o.kind == OutboxKind::Message).collect();
+            let actual: Vec<&OutboxRow> = outbox
+                .iter()
+                .filter(|o| o.kind == OutboxKind::Message)
+                .collect();
             for (i, want) in sent.value.iter().enumerate() {
                 let at = match scenario::parse_time(&want.at.value) {
                     Ok(t) => t,
@@ -175,11 +221,22 @@ pub async fn check<S: Store>(sc: &Scenario, store: &S, stats: &Stats) -> Result<
                         continue;
                     }
                 };
-                let expected = format!("{} {} at {}", want.channel.value, want.template.value, show(at.to_utc(), *at.offset()));
+                let expected = format!(
+                    "{} {} at {}",
+                    want.channel.value,
+                    want.template.value,
+                    show(at.to_utc(), *at.offset())
+                );
                 match actual.get(i) {
                     None => {
                         let why = skipped_note(&history, &want.template.value, *at.offset());
-                        fail(want.span, format!("{customer}: expected {expected}; nothing was sent{why}; {}", where_is(last, *at.offset())));
+                        fail(
+                            want.span,
+                            format!(
+                                "{customer}: expected {expected}; nothing was sent{why}; {}",
+                                where_is(last, *at.offset())
+                            ),
+                        );
                         break;
                     }
                     Some(got) => {
@@ -195,7 +252,14 @@ pub async fn check<S: Store>(sc: &Scenario, store: &S, stats: &Stats) -> Result<
                                     .collect::<Vec<_>>()
                                     .join("\n");
                                 if !body.contains(text.value.as_str()) {
-                                    fail(text.span, format!("{customer}: {expected} does not contain `{}`; it reads: {}", text.value, body.trim()));
+                                    fail(
+                                        text.span,
+                                        format!(
+                                            "{customer}: {expected} does not contain `{}`; it reads: {}",
+                                            text.value,
+                                            body.trim()
+                                        ),
+                                    );
                                 }
                             }
                         } else {
@@ -217,14 +281,32 @@ pub async fn check<S: Store>(sc: &Scenario, store: &S, stats: &Stats) -> Result<
             if actual.len() > sent.value.len() {
                 let extra: Vec<String> = actual[sent.value.len()..]
                     .iter()
-                    .map(|o| format!("{} {} at {} (step `{}`)", o.channel, o.template.as_deref().unwrap_or("-"), show(o.created_at, offset), o.step))
+                    .map(|o| {
+                        format!(
+                            "{} {} at {} (step `{}`)",
+                            o.channel,
+                            o.template.as_deref().unwrap_or("-"),
+                            show(o.created_at, offset),
+                            o.step
+                        )
+                    })
                     .collect();
-                fail(sent.span, format!("{customer}: {} more sent than expected: {}", extra.len(), extra.join("; ")));
+                fail(
+                    sent.span,
+                    format!(
+                        "{customer}: {} more sent than expected: {}",
+                        extra.len(),
+                        extra.join("; ")
+                    ),
+                );
             }
         }
         if let Some(tasks) = &x.tasks {
             expectations += 1;
-            let actual: Vec<&OutboxRow> = outbox.iter().filter(|o| o.kind == OutboxKind::Task).collect();
+            let actual: Vec<&OutboxRow> = outbox
+                .iter()
+                .filter(|o| o.kind == OutboxKind::Task)
+                .collect();
             for (i, want) in tasks.value.iter().enumerate() {
                 let Ok(at) = scenario::parse_time(&want.at.value) else {
                     fail(want.at.span, format!("`{}` is not a time", want.at.value));
@@ -232,18 +314,31 @@ pub async fn check<S: Store>(sc: &Scenario, store: &S, stats: &Stats) -> Result<
                 };
                 match actual.get(i) {
                     None => {
-                        fail(want.span, format!("{customer}: expected a task at {}; none was created; {}", show(at.to_utc(), *at.offset()), where_is(last, *at.offset())));
+                        fail(
+                            want.span,
+                            format!(
+                                "{customer}: expected a task at {}; none was created; {}",
+                                show(at.to_utc(), *at.offset()),
+                                where_is(last, *at.offset())
+                            ),
+                        );
                         break;
                     }
                     Some(got) => {
-                        let assign_ok = want.assign.as_ref().is_none_or(|a| got.address.as_deref() == Some(a.value.as_str()));
+                        let assign_ok = want
+                            .assign
+                            .as_ref()
+                            .is_none_or(|a| got.address.as_deref() == Some(a.value.as_str()));
                         if minute(got.created_at) != minute(at.to_utc()) || !assign_ok {
                             fail(
                                 want.span,
                                 format!(
                                     "{customer}: expected a task at {}{}; got one at {} for {}",
                                     show(at.to_utc(), *at.offset()),
-                                    want.assign.as_ref().map(|a| format!(" for {}", a.value)).unwrap_or_default(),
+                                    want.assign
+                                        .as_ref()
+                                        .map(|a| format!(" for {}", a.value))
+                                        .unwrap_or_default(),
                                     show(got.created_at, *at.offset()),
                                     got.address.as_deref().unwrap_or("nobody")
                                 ),
@@ -254,36 +349,81 @@ pub async fn check<S: Store>(sc: &Scenario, store: &S, stats: &Stats) -> Result<
                 }
             }
             if actual.len() > tasks.value.len() {
-                fail(tasks.span, format!("{customer}: {} more task(s) than expected", actual.len() - tasks.value.len()));
+                fail(
+                    tasks.span,
+                    format!(
+                        "{customer}: {} more task(s) than expected",
+                        actual.len() - tasks.value.len()
+                    ),
+                );
             }
         }
         if let Some(goal) = &x.goal_reached {
             expectations += 1;
             let reached = conversions.iter().find(|c| c.customer_id == customer);
             match (goal.value, reached) {
-                (true, None) => fail(goal.span, format!("{customer}: expected the goal to be reached; it was not; {}", where_is(last, offset))),
-                (false, Some(c)) => fail(goal.span, format!("{customer}: expected no goal; it was reached at {} (event `{}`)", show(c.at, offset), c.event_id)),
+                (true, None) => fail(
+                    goal.span,
+                    format!(
+                        "{customer}: expected the goal to be reached; it was not; {}",
+                        where_is(last, offset)
+                    ),
+                ),
+                (false, Some(c)) => fail(
+                    goal.span,
+                    format!(
+                        "{customer}: expected no goal; it was reached at {} (event `{}`)",
+                        show(c.at, offset),
+                        c.event_id
+                    ),
+                ),
                 _ => {}
             }
         }
         if let Some(outcome) = &x.outcome {
             expectations += 1;
             match last {
-                Some(r) if r.status == RunStatus::Ended && r.outcome.as_deref() == Some(outcome.value.as_str()) => {}
-                _ => fail(outcome.span, format!("{customer}: expected the run to end `{}`; {}", outcome.value, where_is(last, offset))),
+                Some(r)
+                    if r.status == RunStatus::Ended
+                        && r.outcome.as_deref() == Some(outcome.value.as_str()) => {}
+                _ => fail(
+                    outcome.span,
+                    format!(
+                        "{customer}: expected the run to end `{}`; {}",
+                        outcome.value,
+                        where_is(last, offset)
+                    ),
+                ),
             }
         }
         if let Some(step) = &x.waiting_at {
             expectations += 1;
             match last {
-                Some(r) if r.status == RunStatus::Waiting && r.step.as_deref() == Some(step.value.as_str()) => {}
-                _ => fail(step.span, format!("{customer}: expected the run to wait at `{}`; {}", step.value, where_is(last, offset))),
+                Some(r)
+                    if r.status == RunStatus::Waiting
+                        && r.step.as_deref() == Some(step.value.as_str()) => {}
+                _ => fail(
+                    step.span,
+                    format!(
+                        "{customer}: expected the run to wait at `{}`; {}",
+                        step.value,
+                        where_is(last, offset)
+                    ),
+                ),
             }
         }
         if let Some(n) = &x.entries {
             expectations += 1;
             if runs.len() != n.value as usize {
-                fail(n.span, format!("{customer}: expected {} entr{} into `{flow}`; found {}", n.value, if n.value == 1 { "y" } else { "ies" }, runs.len()));
+                fail(
+                    n.span,
+                    format!(
+                        "{customer}: expected {} entr{} into `{flow}`; found {}",
+                        n.value,
+                        if n.value == 1 { "y" } else { "ies" },
+                        runs.len()
+                    ),
+                );
             }
         }
     }
@@ -316,9 +456,14 @@ fn where_is(run: Option<&Run>, offset: FixedOffset) -> String {
     match r.status {
         RunStatus::Waiting => {
             let step = r.step.as_deref().unwrap_or("?");
-            let until = r.wake_at.map(|t| format!(" until {}", show(t, offset))).unwrap_or_default();
+            let until = r
+                .wake_at
+                .map(|t| format!(" until {}", show(t, offset)))
+                .unwrap_or_default();
             match r.waiting_for.as_deref() {
-                Some(crate::executor::WAITING_FOR_CALL) => format!("the run waits at `{step}` for the call's response"),
+                Some(crate::executor::WAITING_FOR_CALL) => {
+                    format!("the run waits at `{step}` for the call's response")
+                }
                 Some(ev) => format!("the run waits at `{step}` for `{ev}`{until}"),
                 None => format!("the run waits at `{step}`{until}"),
             }
@@ -346,7 +491,10 @@ fn skipped_note(history: &[HistoryEntry], template: &str, offset: FixedOffset) -
                 h.step,
                 h.action,
                 show(h.at, offset),
-                h.detail.get("reason").and_then(|r| r.as_str()).unwrap_or("no reason recorded")
+                h.detail
+                    .get("reason")
+                    .and_then(|r| r.as_str())
+                    .unwrap_or("no reason recorded")
             )
         })
         .unwrap_or_default()

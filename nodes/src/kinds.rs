@@ -37,12 +37,20 @@ impl NodeKind for Sample {
             ))
         }
     }
-    fn run(&self, with: &serde_json::Value, cx: &mut PluginCx<'_>) -> Result<Option<String>, String> {
+    fn run(
+        &self,
+        with: &serde_json::Value,
+        cx: &mut PluginCx<'_>,
+    ) -> Result<Option<String>, String> {
         let c: SampleConfig = parse(with, "`with: { percent: 2 }`")?;
         // Keyed by the run, not the customer: each entry is a fresh draw, and a replay of
         // the same run after a crash draws the same.
         let point = canvas_engine::executor::split_point(cx.flow, cx.step, cx.run_id);
-        Ok(if point < c.percent { None } else { Some("skipped".to_owned()) })
+        Ok(if point < c.percent {
+            None
+        } else {
+            Some("skipped".to_owned())
+        })
     }
 }
 
@@ -89,7 +97,11 @@ impl NodeKind for Cooldown {
         }
         c.every().map(|_| ())
     }
-    fn run(&self, with: &serde_json::Value, cx: &mut PluginCx<'_>) -> Result<Option<String>, String> {
+    fn run(
+        &self,
+        with: &serde_json::Value,
+        cx: &mut PluginCx<'_>,
+    ) -> Result<Option<String>, String> {
         let c: CooldownConfig = parse(with, "`with: { key: surprise, every: 365d }`")?;
         let every = c.every()?;
         let last = cx
@@ -99,7 +111,8 @@ impl NodeKind for Cooldown {
             .and_then(|v| v.as_str())
             .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
             .map(|t| t.with_timezone(&chrono::Utc));
-        let period = chrono::Duration::seconds(i64::try_from(every.as_secs()).unwrap_or(i64::MAX / 1000));
+        let period =
+            chrono::Duration::seconds(i64::try_from(every.as_secs()).unwrap_or(i64::MAX / 1000));
         if last.is_some_and(|t| cx.now < t + period) {
             return Ok(Some("cooling".to_owned()));
         }
@@ -146,27 +159,46 @@ mod tests {
 
     #[test]
     fn cooldown_passes_once_per_period() {
-        let t0 = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z").unwrap().with_timezone(&chrono::Utc);
+        let t0 = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
         let mut customer = canvas_engine::state::Customer::new("c1", t0);
         let with = json!({"key": "surprise", "every": "365d"});
         let mut at = |now| {
-            let mut cx = PluginCx { flow: "f", step: "s", run_id: "f/c1/1", customer: &mut customer, now };
+            let mut cx = PluginCx {
+                flow: "f",
+                step: "s",
+                run_id: "f/c1/1",
+                customer: &mut customer,
+                now,
+            };
             Cooldown.run(&with, &mut cx).unwrap()
         };
         assert_eq!(at(t0), None);
-        assert_eq!(at(t0 + chrono::Duration::days(364)), Some("cooling".to_owned()));
+        assert_eq!(
+            at(t0 + chrono::Duration::days(364)),
+            Some("cooling".to_owned())
+        );
         assert_eq!(at(t0 + chrono::Duration::days(365)), None);
     }
 
     #[test]
     fn sample_draws_about_the_percent_per_entry() {
-        let now = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z").unwrap().with_timezone(&chrono::Utc);
+        let now = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
         let mut customer = canvas_engine::state::Customer::new("c1", now);
         let with = json!({"percent": 10});
         let picked = (0..5000)
             .filter(|i| {
                 let run_id = format!("f/c1/{i}");
-                let mut cx = PluginCx { flow: "f", step: "s", run_id: &run_id, customer: &mut customer, now };
+                let mut cx = PluginCx {
+                    flow: "f",
+                    step: "s",
+                    run_id: &run_id,
+                    customer: &mut customer,
+                    now,
+                };
                 Sample.run(&with, &mut cx).unwrap().is_none()
             })
             .count();

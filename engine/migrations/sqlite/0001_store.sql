@@ -60,8 +60,9 @@ CREATE TABLE runs (
     -- A waiting run always waits *somewhere*.
     CHECK (status <> 'waiting' OR step IS NOT NULL)
 );
--- `due` / `next_wake` / `node_counts`: only waiting runs are indexed.
-CREATE INDEX runs_due ON runs (status, wake_at) WHERE status = 'waiting';
+-- `due` / `next_wake`: only waiting runs are indexed (status is the partial predicate);
+-- `id` breaks ties, so `due` reads in a deterministic order without a sort.
+CREATE INDEX runs_due ON runs (wake_at, id) WHERE status = 'waiting';
 -- `load` and a customer's journey.
 CREATE INDEX runs_customer ON runs (customer_id);
 
@@ -77,7 +78,8 @@ CREATE TABLE enrolments (
     PRIMARY KEY (customer_id, flow)
 ) WITHOUT ROWID;
 
--- One row per executed step: the audit trail. The implicit rowid is the insertion order.
+-- One row per executed step: the audit trail. Read in insertion (rowid) order: the order
+-- steps executed.
 CREATE TABLE history (
     run_id      TEXT    NOT NULL,
     seq         INTEGER NOT NULL,             -- the run's transition number
@@ -91,7 +93,7 @@ CREATE TABLE history (
 );
 
 -- The transactional outbox: deliveries written with the transition that produced them.
--- The implicit rowid is the insertion order.
+-- Read in insertion (rowid) order.
 CREATE TABLE outbox (
     key             TEXT    NOT NULL PRIMARY KEY, -- RUN_ID/STEP_ID, the idempotency key
     kind            TEXT    NOT NULL CHECK (kind IN ('message', 'call', 'task')),

@@ -84,6 +84,48 @@ pub(crate) fn last_wins<'a, T, K: Hash + Eq + 'a>(
     out
 }
 
+/// A batch as both backends write it. Upserted rows are de-duplicated (last wins) and put in
+/// key order: b-tree inserts then walk the pages in order. Appended rows (history, outbox,
+/// conversions) keep the caller's order within a customer — it is the order steps executed,
+/// and reads return them in insertion order — and are grouped by customer (a stable sort),
+/// so what a commit writes does not depend on the caller's iteration order (`HashMap`s).
+pub(crate) struct Rows<'a> {
+    pub customers: Vec<&'a Customer>,
+    pub enrolments: Vec<&'a Enrolment>,
+    pub history: Vec<&'a HistoryEntry>,
+    pub outbox: Vec<&'a OutboxRow>,
+    pub conversions: Vec<&'a Conversion>,
+    pub runs: Vec<&'a Run>,
+}
+
+impl<'a> Rows<'a> {
+    pub fn of(batch: &'a crate::state::Batch) -> Rows<'a> {
+        let mut customers = last_wins(&batch.customers, |c| c.id.as_str());
+        customers.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        let mut enrolments = last_wins(&batch.enrolments, |e| {
+            (e.customer_id.as_str(), e.flow.as_str())
+        });
+        enrolments
+            .sort_unstable_by(|a, b| (&a.customer_id, &a.flow).cmp(&(&b.customer_id, &b.flow)));
+        let mut history: Vec<&HistoryEntry> = batch.history.iter().collect();
+        history.sort_by(|a, b| a.customer_id.cmp(&b.customer_id));
+        let mut outbox: Vec<&OutboxRow> = batch.outbox.iter().collect();
+        outbox.sort_by(|a, b| a.customer_id.cmp(&b.customer_id));
+        let mut conversions: Vec<&Conversion> = batch.conversions.iter().collect();
+        conversions.sort_by(|a, b| a.customer_id.cmp(&b.customer_id));
+        let mut runs = last_wins(&batch.runs, |r| r.id.as_str());
+        runs.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        Rows {
+            customers,
+            enrolments,
+            history,
+            outbox,
+            conversions,
+            runs,
+        }
+    }
+}
+
 /// The inbox's dedupe key of an item: an event's id; `call:RUN_ID/STEP` for a call result
 /// (the outbox key of the call, so a result fed back twice is applied once); none for a
 /// profile update.
@@ -100,7 +142,8 @@ pub(crate) fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-#[derive(sqlx::FromRow)]
+/// Read by Postgres as a row, by SQLite as a JSON array (`json_group_array`).
+#[derive(sqlx::FromRow, serde::Deserialize)]
 pub(crate) struct CustomerRow {
     pub id: String,
     pub attributes: String,
@@ -119,12 +162,15 @@ impl CustomerRow {
             timezone: self.timezone,
             sends: from_json(T, &self.sends)?,
             cooldowns: from_json(T, &self.cooldowns)?,
+            // UNSUBSCRIBED_AT_PENDING: persisted once the store has the column.
+            unsubscribed_at: None,
             updated_at: time(T, self.updated_at)?,
         })
     }
 }
 
-#[derive(sqlx::FromRow)]
+/// Read by Postgres as a row, by SQLite as a JSON array (`json_group_array`).
+#[derive(sqlx::FromRow, serde::Deserialize)]
 pub(crate) struct InboxRow {
     pub seq: i64,
     pub item: String,
@@ -160,7 +206,8 @@ pub(crate) const RUN_COLUMNS: &str = "id, flow, version, customer_id, status, st
      waiting_for, vars, event, arm, last_touch, goal_until, converted_at, outcome, seq, \
      entered_at, updated_at";
 
-#[derive(sqlx::FromRow)]
+/// Read by Postgres as a row, by SQLite as a JSON array (`json_group_array`).
+#[derive(sqlx::FromRow, serde::Deserialize)]
 pub(crate) struct RunRow {
     pub id: String,
     pub flow: String,
@@ -214,7 +261,8 @@ impl RunRow {
     }
 }
 
-#[derive(sqlx::FromRow)]
+/// Read by Postgres as a row, by SQLite as a JSON array (`json_group_array`).
+#[derive(sqlx::FromRow, serde::Deserialize)]
 pub(crate) struct EnrolmentRow {
     pub flow: String,
     pub customer_id: String,

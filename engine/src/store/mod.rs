@@ -24,6 +24,9 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("unsupported database URL `{0}`: use sqlite://PATH, sqlite::memory: or postgres://…")]
     Url(String),
+    /// `PgStore::connect_with_schema` takes lower-case SQL identifiers only.
+    #[error("invalid schema name `{0}`: use a lower-case SQL identifier ([a-z_][a-z0-9_]*)")]
+    Schema(String),
     /// A row that does not decode: the database was written by something else.
     #[error("corrupt row in `{table}`: {message}")]
     Corrupt {
@@ -156,11 +159,11 @@ impl Database {
                 durability = match pair {
                     "durability=normal" => Durability::Normal,
                     "durability=full" => Durability::Full,
-                    _ => return Err(StoreError::Url(url.to_owned())),
+                    _ => return Err(StoreError::Url(redact(url))),
                 };
             }
             if path.is_empty() {
-                return Err(StoreError::Url(url.to_owned()));
+                return Err(StoreError::Url(redact(url)));
             }
             return Ok(Database::Sqlite(
                 SqliteStore::open_with(path, durability).await?,
@@ -169,7 +172,7 @@ impl Database {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             return Ok(Database::Postgres(PgStore::connect(url).await?));
         }
-        Err(StoreError::Url(url.to_owned()))
+        Err(StoreError::Url(redact(url)))
     }
 
     /// `sqlite` or `postgres`.
@@ -178,6 +181,20 @@ impl Database {
             Database::Sqlite(_) => "sqlite",
             Database::Postgres(_) => "postgres",
         }
+    }
+}
+
+/// A URL for an error message: without the password of `scheme://user:password@host`.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
     }
 }
 

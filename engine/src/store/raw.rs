@@ -3,15 +3,19 @@
 //!
 //! A "transition" here is the least a checkpoint must write: the run row moves on (one
 //! `UPDATE` of the batch's runs), one history row and one outbox row are inserted — per batch
-//! exactly those three statements, in one transaction, into the engine's own tables with the
-//! same statement shapes `commit` uses (`json_each(?)` on SQLite, `UNNEST($n::…[])` on
-//! Postgres; the history and outbox inserts are the very statements of `commit`). Only the
-//! transactions are timed: the rows are encoded beforehand.
+//! exactly those three writes, in one transaction, into the engine's own tables with the
+//! statement shapes `commit` uses: on SQLite multi-row `VALUES` statements in the same fixed
+//! sizes, pipelined (the history and outbox inserts are the very statements of `commit`; the
+//! update is `WITH v(…) AS (VALUES …) UPDATE runs … FROM v`); on Postgres ONE statement whose
+//! data-modifying CTEs expand `UNNEST($n::…[])` arrays (`UPDATE runs … FROM UNNEST(…)` and
+//! `commit`'s history and outbox inserts). Only the transactions are timed: the rows are
+//! encoded beforehand.
 //!
 //! The benchmark's rows use their own flow id ([`RAW_FLOW`]) and customer ids, so they never
 //! collide with engine data; they are deleted before and after the measurement (the deletes
 //! scan by flow, so prefer a bench database to a large production one).
 
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use serde_json::{Map, json};
@@ -47,72 +51,66 @@ pub async fn raw_ceiling(db: &Database, n: usize, batch: usize) -> Result<RawRep
     let t0 = Time::from_timestamp_millis(1_767_225_600_000).unwrap_or_default();
     cleanup(db).await?;
     let runs: Vec<Run> = (0..n).map(|i| entered(i, t0)).collect();
-    for chunk in runs.chunks(batch) {
-        insert_runs(db, chunk).await?;
-    }
     let advanced: Vec<Run> = runs.iter().map(|r| advance(r, t0)).collect();
     let history: Vec<HistoryEntry> = advanced.iter().map(|r| history_row(r, t0)).collect();
     let outbox: Vec<OutboxRow> = advanced.iter().map(|r| outbox_row(r, t0)).collect();
+    let runs: Vec<&Run> = runs.iter().collect();
+    let advanced: Vec<&Run> = advanced.iter().collect();
+    let history: Vec<&HistoryEntry> = history.iter().collect();
+    let outbox: Vec<&OutboxRow> = outbox.iter().collect();
+    let batches = advanced
+        .chunks(batch)
+        .zip(history.chunks(batch))
+        .zip(outbox.chunks(batch))
+        .map(|((r, h), o)| (r, h, o));
 
     let seconds = match db {
         Database::Sqlite(s) => {
+            for chunk in runs.chunks(batch) {
+                let mut tx = s.begin().await?;
+                let mut pipe = sqlite::Pipeline::new(&mut tx);
+                sqlite::UPSERT_RUNS
+                    .write(&mut pipe, chunk, sqlite::bind_run)
+                    .await?;
+                pipe.finish().await?;
+                tx.commit().await?;
+            }
             let mut work = Vec::new();
-            for ((r, h), o) in advanced
-                .chunks(batch)
-                .zip(history.chunks(batch))
-                .zip(outbox.chunks(batch))
-            {
-                work.push((
-                    sqlite_update(r)?,
-                    sqlite::encode_history(h)?,
-                    sqlite::encode_outbox(o)?,
-                ));
+            for (r, h, o) in batches {
+                let mut statements = SQLITE_UPDATE.encode(r, sqlite_update)?;
+                statements.extend(sqlite::INSERT_HISTORY.encode(h, sqlite::bind_history)?);
+                statements.extend(sqlite::INSERT_OUTBOX.encode(o, sqlite::bind_outbox)?);
+                work.push(statements);
             }
             let start = Instant::now();
-            for (runs, history, outbox) in work {
+            for statements in work {
                 let mut tx = s.begin().await?;
-                sqlx::query(SQLITE_UPDATE)
-                    .bind(runs)
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query(sqlite::INSERT_HISTORY)
-                    .bind(history)
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query(sqlite::INSERT_OUTBOX)
-                    .bind(outbox)
-                    .execute(&mut *tx)
-                    .await?;
+                let mut pipe = sqlite::Pipeline::new(&mut tx);
+                for (sql, args) in statements {
+                    pipe.submit(sql, args).await?;
+                }
+                pipe.finish().await?;
                 tx.commit().await?;
             }
             start.elapsed().as_secs_f64()
         }
         Database::Postgres(p) => {
+            let insert = postgres::upsert_runs(&mut 1);
+            for chunk in runs.chunks(batch) {
+                postgres::bind_runs(sqlx::query(&insert), chunk)?
+                    .execute(p.pool())
+                    .await?;
+            }
+            let sql = pg_ceiling_sql();
             let mut work = Vec::new();
-            for ((r, h), o) in advanced
-                .chunks(batch)
-                .zip(history.chunks(batch))
-                .zip(outbox.chunks(batch))
-            {
-                work.push((
-                    PgUpdate::new(r)?,
-                    postgres::HistoryCols::new(h)?,
-                    postgres::OutboxCols::new(o)?,
-                ));
+            for (r, h, o) in batches {
+                let q = bind_pg_update(sqlx::query(sql), r)?;
+                let q = postgres::bind_history(q, h)?;
+                work.push(postgres::bind_outbox(q, o)?);
             }
             let start = Instant::now();
-            for (runs, history, outbox) in work {
-                let mut tx = p.begin().await?;
-                runs.bind(sqlx::query(PG_UPDATE)).execute(&mut *tx).await?;
-                history
-                    .bind(sqlx::query(postgres::INSERT_HISTORY))
-                    .execute(&mut *tx)
-                    .await?;
-                outbox
-                    .bind(sqlx::query(postgres::INSERT_OUTBOX))
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
+            for q in work {
+                q.execute(p.pool()).await?;
             }
             start.elapsed().as_secs_f64()
         }
@@ -126,42 +124,19 @@ pub async fn raw_ceiling(db: &Database, n: usize, batch: usize) -> Result<RawRep
 
 async fn cleanup(db: &Database) -> Result<()> {
     for table in ["outbox", "history", "runs"] {
-        let sql = match db {
-            Database::Sqlite(_) => format!("DELETE FROM {table} WHERE flow = ?1"),
-            Database::Postgres(_) => format!("DELETE FROM {table} WHERE flow = $1"),
-        };
         match db {
             Database::Sqlite(s) => {
-                sqlx::query(&sql)
+                sqlx::query(&format!("DELETE FROM {table} WHERE flow = ?1"))
                     .bind(RAW_FLOW)
                     .execute(s.write_pool())
                     .await?;
             }
             Database::Postgres(p) => {
-                sqlx::query(&sql).bind(RAW_FLOW).execute(p.pool()).await?;
+                sqlx::query(&format!("DELETE FROM {table} WHERE flow = $1"))
+                    .bind(RAW_FLOW)
+                    .execute(p.pool())
+                    .await?;
             }
-        }
-    }
-    Ok(())
-}
-
-async fn insert_runs(db: &Database, runs: &[Run]) -> Result<()> {
-    match db {
-        Database::Sqlite(s) => {
-            let mut tx = s.begin().await?;
-            sqlx::query(sqlite::UPSERT_RUNS)
-                .bind(sqlite::encode_runs(runs)?)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-        }
-        Database::Postgres(p) => {
-            let mut tx = p.begin().await?;
-            postgres::RunCols::new(runs.iter())?
-                .bind(sqlx::query(postgres::UPSERT_RUNS))
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
         }
     }
     Ok(())
@@ -245,80 +220,80 @@ fn outbox_row(run: &Run, t0: Time) -> OutboxRow {
     }
 }
 
-const SQLITE_UPDATE: &str = "\
-UPDATE runs SET status = value->>1, step = value->>2, wake_at = value->>3, vars = value->>4,
-    last_touch = value->>5, seq = value->>6, updated_at = value->>7
-FROM json_each(?1) WHERE runs.id = value->>0";
+static SQLITE_UPDATE: sqlite::Shape = sqlite::Shape::new(
+    "WITH v (id, status, step, wake_at, vars, last_touch, seq, updated_at) AS (VALUES ",
+    8,
+    ") UPDATE runs SET status = v.status, step = v.step, wake_at = v.wake_at, vars = v.vars, \
+     last_touch = v.last_touch, seq = v.seq, updated_at = v.updated_at \
+     FROM v WHERE runs.id = v.id",
+);
 
-fn sqlite_update(runs: &[Run]) -> Result<String> {
-    let mut rows = sqlite::JsonRows::new(runs.len() * 120);
+fn sqlite_update<'a>(a: &mut sqlite::Args<'a>, r: &'a Run) -> Result<()> {
+    let vars = to_json("runs", &r.vars)?;
+    let values = (
+        r.id.as_str(),
+        r.status.as_str(),
+        r.step.as_deref(),
+        opt_ms(r.wake_at),
+    );
+    let encode = |e| super::StoreError::Database(sqlx::Error::Encode(e));
+    sqlx::Arguments::add(a, values.0).map_err(encode)?;
+    sqlx::Arguments::add(a, values.1).map_err(encode)?;
+    sqlx::Arguments::add(a, values.2).map_err(encode)?;
+    sqlx::Arguments::add(a, values.3).map_err(encode)?;
+    sqlx::Arguments::add(a, vars).map_err(encode)?;
+    sqlx::Arguments::add(a, r.last_touch.as_deref()).map_err(encode)?;
+    sqlx::Arguments::add(a, i64::from(r.seq)).map_err(encode)?;
+    sqlx::Arguments::add(a, ms(r.updated_at)).map_err(encode)?;
+    Ok(())
+}
+
+/// Postgres: the three writes as one statement (data-modifying CTEs), like `commit`.
+fn pg_ceiling_sql() -> &'static str {
+    static SQL: OnceLock<String> = OnceLock::new();
+    SQL.get_or_init(|| {
+        let mut n = 9;
+        let history = postgres::insert_history(&mut n);
+        let outbox = postgres::insert_outbox(&mut n);
+        format!(
+            "WITH runs_ AS (
+                 UPDATE runs SET status = t.st, step = t.sp, wake_at = t.w, vars = t.va::json,
+                     last_touch = t.lt, seq = t.s, updated_at = t.ua
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[],
+                     $6::text[], $7::int8[], $8::int8[]) AS t(id, st, sp, w, va, lt, s, ua)
+                 WHERE runs.id = t.id),
+             history_ AS ({history}),
+             outbox_ AS ({outbox})
+             SELECT 1"
+        )
+    })
+}
+
+fn bind_pg_update<'a>(q: postgres::Q<'a>, runs: &[&'a Run]) -> Result<postgres::Q<'a>> {
+    let mut id = Vec::with_capacity(runs.len());
+    let mut status = Vec::with_capacity(runs.len());
+    let mut step = Vec::with_capacity(runs.len());
+    let mut wake_at = Vec::with_capacity(runs.len());
+    let mut vars = Vec::with_capacity(runs.len());
+    let mut last_touch = Vec::with_capacity(runs.len());
+    let mut seq = Vec::with_capacity(runs.len());
+    let mut updated_at = Vec::with_capacity(runs.len());
     for r in runs {
-        rows.row()
-            .str(&r.id)
-            .str(r.status.as_str())
-            .opt_str(r.step.as_deref());
-        rows.opt_int(opt_ms(r.wake_at)).json("runs", &r.vars)?;
-        rows.opt_str(r.last_touch.as_deref())
-            .int(i64::from(r.seq))
-            .int(ms(r.updated_at));
+        id.push(r.id.as_str());
+        status.push(r.status.as_str());
+        step.push(r.step.as_deref());
+        wake_at.push(opt_ms(r.wake_at));
+        vars.push(to_json("runs", &r.vars)?);
+        last_touch.push(r.last_touch.as_deref());
+        seq.push(i64::from(r.seq));
+        updated_at.push(ms(r.updated_at));
     }
-    Ok(rows.finish())
-}
-
-const PG_UPDATE: &str = "\
-UPDATE runs SET status = t.st, step = t.sp, wake_at = t.w, vars = t.va::json,
-    last_touch = t.lt, seq = t.s, updated_at = t.ua
-FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::text[],
-    $7::int8[], $8::int8[]) AS t(id, st, sp, w, va, lt, s, ua)
-WHERE runs.id = t.id";
-
-struct PgUpdate {
-    id: Vec<String>,
-    status: Vec<&'static str>,
-    step: Vec<Option<String>>,
-    wake_at: Vec<Option<i64>>,
-    vars: Vec<String>,
-    last_touch: Vec<Option<String>>,
-    seq: Vec<i64>,
-    updated_at: Vec<i64>,
-}
-
-impl PgUpdate {
-    fn new(runs: &[Run]) -> Result<PgUpdate> {
-        let mut u = PgUpdate {
-            id: Vec::new(),
-            status: Vec::new(),
-            step: Vec::new(),
-            wake_at: Vec::new(),
-            vars: Vec::new(),
-            last_touch: Vec::new(),
-            seq: Vec::new(),
-            updated_at: Vec::new(),
-        };
-        for r in runs {
-            u.id.push(r.id.clone());
-            u.status.push(r.status.as_str());
-            u.step.push(r.step.clone());
-            u.wake_at.push(opt_ms(r.wake_at));
-            u.vars.push(to_json("runs", &r.vars)?);
-            u.last_touch.push(r.last_touch.clone());
-            u.seq.push(i64::from(r.seq));
-            u.updated_at.push(ms(r.updated_at));
-        }
-        Ok(u)
-    }
-
-    fn bind(
-        self,
-        q: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
-    ) -> sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments> {
-        q.bind(self.id)
-            .bind(self.status)
-            .bind(self.step)
-            .bind(self.wake_at)
-            .bind(self.vars)
-            .bind(self.last_touch)
-            .bind(self.seq)
-            .bind(self.updated_at)
-    }
+    Ok(q.bind(id)
+        .bind(status)
+        .bind(step)
+        .bind(wake_at)
+        .bind(vars)
+        .bind(last_touch)
+        .bind(seq)
+        .bind(updated_at))
 }

@@ -1,0 +1,179 @@
+//! `canvas test` and `canvas simulate` end to end: exit codes, the three output formats, a
+//! failure that reads like a diff, and a trace.
+
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn canvas(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_canvas"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run canvas")
+}
+
+fn journeys() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("engine/tests/journeys")
+}
+
+/// A copy of the journey fixtures with one test file replaced.
+fn fixture_with(name: &str, text: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    copy(&journeys(), tmp.path());
+    for f in std::fs::read_dir(tmp.path()).unwrap() {
+        let p = f.unwrap().path();
+        if p.to_string_lossy().ends_with(".test.yaml") {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    std::fs::write(tmp.path().join(name), text).unwrap();
+    tmp
+}
+
+fn copy(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn the_shipped_flows_pass_their_tests() {
+    let out = canvas(&["test", "flows"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = stdout(&out);
+    // Every flow has a test file beside it.
+    for f in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("flows")).unwrap() {
+        let p = f.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if name.ends_with(".yaml") && !name.ends_with(".test.yaml") {
+            let test = name.replace(".yaml", ".test.yaml");
+            assert!(
+                text.contains(&format!("PASS flows/{test}")),
+                "no passing {test}:\n{text}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_failed_expectation_reads_like_a_diff() {
+    let tmp = fixture_with(
+        "late.test.yaml",
+        "flow: reenter\nstart: 2026-03-01T00:00:00Z\nrun_until: 2026-03-03T00:00:00Z\ncustomers:\n  - { id: c1, attributes: { phone: \"+1\" } }\nevents:\n  - { at: 2026-03-01T10:00Z, customer: c1, name: visited }\nexpect:\n  - customer: c1\n    sent:\n      - { at: 2026-03-01T10:00+08:00, channel: sms, template: j/comeback }\n",
+    );
+    let dir = tmp.path().to_string_lossy().into_owned();
+    let out = canvas(&["test", &dir]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out);
+    assert!(text.contains("late.test.yaml:11:9: c1: expected sms j/comeback at 2026-03-01 10:00 +08:00; sent sms j/comeback at 2026-03-02 18:00 +08:00 instead (step `comeback`)"), "{text}");
+
+    let gh = stdout(&canvas(&["test", &dir, "--format", "github"]));
+    assert!(gh.starts_with("::error file="), "{gh}");
+    assert!(
+        gh.contains("late.test.yaml,line=11,col=9::c1: expected sms"),
+        "{gh}"
+    );
+
+    let json: serde_json::Value =
+        serde_json::from_slice(&canvas(&["test", &dir, "--format", "json"]).stdout).unwrap();
+    assert_eq!(json["failed"], 1);
+    assert_eq!(json["reports"][0]["failures"][0]["line"], 11);
+}
+
+#[test]
+fn nothing_sent_says_where_the_run_waits() {
+    let tmp = fixture_with(
+        "early.test.yaml",
+        "flow: reenter\nstart: 2026-03-01T00:00:00Z\nrun_until: 2026-03-01T20:00:00Z\ncustomers:\n  - { id: c1, attributes: { phone: \"+1\" } }\nevents:\n  - { at: 2026-03-01T10:00Z, customer: c1, name: visited }\nexpect:\n  - customer: c1\n    sent:\n      - { at: 2026-03-01T12:00Z, channel: sms, template: j/comeback }\n",
+    );
+    let out = canvas(&["test", &tmp.path().to_string_lossy()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout(&out).contains("c1: expected sms j/comeback at 2026-03-01 12:00 +00:00; nothing was sent; the run waits at `later` until 2026-03-02 10:00 +00:00"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn an_unusable_test_file_is_exit_2_with_a_position() {
+    let tmp = fixture_with(
+        "bad.test.yaml",
+        "flow: reenter\nstart: 2026-03-01T00:00:00Z\nrun_until: 2026-03-03T00:00:00Z\ncustomers:\n  - { id: c1 }\nevents:\n  - { at: 2026-03-01T10:00, customer: c2, name: visited }\n",
+    );
+    let out = canvas(&["test", &tmp.path().to_string_lossy()]);
+    assert_eq!(out.status.code(), Some(2));
+    let text = stdout(&out);
+    assert!(
+        text.contains("bad.test.yaml:7:39: customer `c2` is not under `customers`"),
+        "{text}"
+    );
+    assert!(
+        text.contains("bad.test.yaml:7:11: `2026-03-01T10:00` needs an offset, e.g. `2026-03-01T10:00+08:00` or `2026-03-01T10:00Z`"),
+        "{text}"
+    );
+}
+
+#[test]
+fn simulate_prints_each_customers_trace() {
+    let timeline = journeys().join("welcome.test.yaml");
+    let flows = journeys();
+    let out = canvas(&[
+        "simulate",
+        "welcome",
+        "--flows",
+        &flows.to_string_lossy(),
+        "--timeline",
+        &timeline.to_string_lossy(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = stdout(&out);
+    assert!(text.contains("follower\n  2026-03-02 10:00 +00:00  hello                    sent      wechat j/hello to wx-ann"), "{text}");
+    assert!(text.contains("unreachable\n  2026-03-02 10:00 +00:00  hello                    skipped   j/hello: no address for wechat, sms"), "{text}");
+    assert!(
+        text.contains("goal `order_paid` reached; run ends"),
+        "{text}"
+    );
+
+    let json: serde_json::Value = serde_json::from_slice(
+        &canvas(&[
+            "simulate",
+            "welcome",
+            "--flows",
+            &flows.to_string_lossy(),
+            "--timeline",
+            &timeline.to_string_lossy(),
+            "--format",
+            "json",
+        ])
+        .stdout,
+    )
+    .unwrap();
+    assert_eq!(json.as_array().map(Vec::len), Some(6));
+    assert_eq!(json[0]["customer"], "follower");
+    assert_eq!(json[0]["outbox"][0]["key"], "welcome/follower/1/hello");
+}
