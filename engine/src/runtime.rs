@@ -164,7 +164,7 @@ impl<S: Store> Runtime<S> {
                 work.batch.inbox_done.push(*seq);
                 work.stats.items += 1;
             }
-            Ok(Some(self.commit(work).await?))
+            Ok(Some(self.commit(work, now).await?))
         }
     }
 
@@ -195,7 +195,7 @@ impl<S: Store> Runtime<S> {
             let mut cs = work.entry(id, now);
             self.on_timers(&mut cs, now);
         }
-        Ok(Some(self.commit(work).await?))
+        Ok(Some(self.commit(work, now).await?))
     }
 
     /// Enter the audience of every schedule whose cron fires in `(after, now]`, and recheck
@@ -273,7 +273,7 @@ impl<S: Store> Runtime<S> {
                     }
                 }
             }
-            stats.add(self.commit(work).await?);
+            stats.add(self.commit(work, now).await?);
             after = Some(last);
         }
     }
@@ -289,7 +289,7 @@ impl<S: Store> Runtime<S> {
     }
 
     /// Write a round in one transaction.
-    async fn commit(&self, mut work: Work) -> Result<Stats> {
+    async fn commit(&self, mut work: Work, now: Time) -> Result<Stats> {
         for (_, l) in work.customers {
             if l.customer_dirty {
                 work.batch.customers.push(l.customer);
@@ -305,6 +305,7 @@ impl<S: Store> Runtime<S> {
                 }
             }
         }
+        work.batch.at = now;
         let mut stats = work.stats;
         stats.transitions = work.batch.history.len() as u64;
         stats.outbox = work.batch.outbox.len() as u64;

@@ -298,6 +298,8 @@ pub struct FlowVersion {
 /// Everything a batch of transitions writes, committed in one transaction.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Batch {
+    /// When the round ran (the caller's clock): recorded as the inbox items' `applied_at`.
+    pub at: Time,
     /// Customers changed by updates, sends (cap marks) or cooldowns; whole rows, upserted.
     pub customers: Vec<Customer>,
     /// Runs created or advanced; whole rows, upserted by id.

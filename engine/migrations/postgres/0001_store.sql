@@ -15,6 +15,7 @@ CREATE TABLE customers (
     timezone    text,                         -- IANA zone; NULL = the engine's default
     sends       json   NOT NULL,              -- array of recent marketing sends (caps)
     cooldowns   json   NOT NULL,              -- object: cooldown key -> last pass
+    unsubscribed_at bigint,                   -- ms; set while the customer has opted out
     updated_at  bigint NOT NULL               -- ms
 );
 

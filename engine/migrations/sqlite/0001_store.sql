@@ -12,6 +12,7 @@ CREATE TABLE customers (
     timezone    TEXT,                         -- IANA zone; NULL = the engine's default
     sends       TEXT    NOT NULL,             -- JSON array of recent marketing sends (caps)
     cooldowns   TEXT    NOT NULL,             -- JSON object: cooldown key -> last pass
+    unsubscribed_at INTEGER,                  -- ms; set while the customer has opted out
     updated_at  INTEGER NOT NULL              -- ms
 );
 

@@ -137,11 +137,6 @@ pub(crate) fn dedupe_key(item: &InboxItem) -> Option<String> {
     }
 }
 
-/// The wall clock, for audit columns only (`inbox.applied_at`).
-pub(crate) fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
-
 /// Read by Postgres as a row, by SQLite as a JSON array (`json_group_array`).
 #[derive(sqlx::FromRow, serde::Deserialize)]
 pub(crate) struct CustomerRow {
@@ -150,6 +145,7 @@ pub(crate) struct CustomerRow {
     pub timezone: Option<String>,
     pub sends: String,
     pub cooldowns: String,
+    pub unsubscribed_at: Option<i64>,
     pub updated_at: i64,
 }
 
@@ -162,8 +158,7 @@ impl CustomerRow {
             timezone: self.timezone,
             sends: from_json(T, &self.sends)?,
             cooldowns: from_json(T, &self.cooldowns)?,
-            // UNSUBSCRIBED_AT_PENDING: persisted once the store has the column.
-            unsubscribed_at: None,
+            unsubscribed_at: self.unsubscribed_at.map(|t| time(T, t)).transpose()?,
             updated_at: time(T, self.updated_at)?,
         })
     }

@@ -87,6 +87,19 @@ impl PgStore {
         &self.pool
     }
 
+    /// Drop the schema given to [`PgStore::connect_with_schema`] with everything in it, and
+    /// close the pool (benchmarks and tests clean up after themselves). Without a schema of
+    /// its own the store drops nothing.
+    pub async fn drop_schema(&self) -> Result<()> {
+        if let Some(schema) = &self.schema {
+            sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+                .execute(&self.pool)
+                .await?;
+        }
+        self.pool.close().await;
+        Ok(())
+    }
+
     /// Close the pool (waits for connections in use to come back).
     pub async fn close(&self) {
         self.pool.close().await;
@@ -123,13 +136,15 @@ fn arrays(n: &mut usize, types: &[&str]) -> String {
 
 fn upsert_customers(n: &mut usize) -> String {
     format!(
-        "INSERT INTO customers (id, attributes, timezone, sends, cooldowns, updated_at)
-         SELECT id, a::json, tz, s::json, c::json, u
-         FROM UNNEST({}) AS t(id, a, tz, s, c, u)
+        "INSERT INTO customers (id, attributes, timezone, sends, cooldowns, unsubscribed_at,
+                                updated_at)
+         SELECT id, a::json, tz, s::json, c::json, x, u
+         FROM UNNEST({}) AS t(id, a, tz, s, c, x, u)
          ON CONFLICT (id) DO UPDATE SET attributes = EXCLUDED.attributes,
              timezone = EXCLUDED.timezone, sends = EXCLUDED.sends,
-             cooldowns = EXCLUDED.cooldowns, updated_at = EXCLUDED.updated_at",
-        arrays(n, &["text", "text", "text", "text", "text", "int8"])
+             cooldowns = EXCLUDED.cooldowns, unsubscribed_at = EXCLUDED.unsubscribed_at,
+             updated_at = EXCLUDED.updated_at",
+        arrays(n, &["text", "text", "text", "text", "text", "int8", "int8"])
     )
 }
 
@@ -260,12 +275,13 @@ fn cols<T>(n: usize) -> Vec<T> {
 fn bind_customers<'a>(q: Q<'a>, rows: &[&'a Customer]) -> Result<Q<'a>> {
     const T: &str = "customers";
     let n = rows.len();
-    let (mut id, mut a, mut tz, mut s, mut c, mut u) = (
+    let (mut id, mut a, mut tz, mut s, mut c, mut un, mut u) = (
         cols::<&str>(n),
         cols(n),
         cols::<Option<&str>>(n),
         cols(n),
         cols(n),
+        cols::<Option<i64>>(n),
         cols(n),
     );
     for x in rows {
@@ -274,9 +290,10 @@ fn bind_customers<'a>(q: Q<'a>, rows: &[&'a Customer]) -> Result<Q<'a>> {
         tz.push(x.timezone.as_deref());
         s.push(to_json(T, &x.sends)?);
         c.push(to_json(T, &x.cooldowns)?);
+        un.push(x.unsubscribed_at.map(ms));
         u.push(ms(x.updated_at));
     }
-    Ok(q.bind(id).bind(a).bind(tz).bind(s).bind(c).bind(u))
+    Ok(q.bind(id).bind(a).bind(tz).bind(s).bind(c).bind(un).bind(u))
 }
 
 fn bind_enrolments<'a>(q: Q<'a>, rows: &[&'a Enrolment]) -> Q<'a> {
@@ -547,7 +564,7 @@ impl Store for PgStore {
         // Three queries on three connections at once.
         let customers = sqlx::query_as::<_, CustomerRow>(
             "SELECT id, attributes::text AS attributes, timezone, sends::text AS sends,
-                    cooldowns::text AS cooldowns, updated_at
+                    cooldowns::text AS cooldowns, unsubscribed_at, updated_at
              FROM customers WHERE id = ANY($1::text[])",
         )
         .bind(customer_ids)
@@ -635,7 +652,7 @@ impl Store for PgStore {
         let q = bind_outbox(q, &rows.outbox)?;
         let q = bind_conversions(q, &rows.conversions);
         let q = bind_runs(q, &rows.runs)?;
-        let q = q.bind(batch.inbox_done.as_slice()).bind(codec::now_ms());
+        let q = q.bind(batch.inbox_done.as_slice()).bind(ms(batch.at));
         q.execute(&self.pool).await?;
         Ok(())
     }

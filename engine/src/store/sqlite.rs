@@ -379,11 +379,12 @@ impl Shape {
 }
 
 static UPSERT_CUSTOMERS: Shape = Shape::new(
-    "INSERT INTO customers (id, attributes, timezone, sends, cooldowns, updated_at) VALUES ",
-    6,
+    "INSERT INTO customers (id, attributes, timezone, sends, cooldowns, unsubscribed_at, \
+     updated_at) VALUES ",
+    7,
     " ON CONFLICT (id) DO UPDATE SET attributes = excluded.attributes, \
      timezone = excluded.timezone, sends = excluded.sends, cooldowns = excluded.cooldowns, \
-     updated_at = excluded.updated_at",
+     unsubscribed_at = excluded.unsubscribed_at, updated_at = excluded.updated_at",
 );
 
 static UPSERT_ENROLMENTS: Shape = Shape::new(
@@ -448,7 +449,8 @@ WHERE seq IN (SELECT value FROM json_each(?1)) AND applied_at IS NULL";
 fn bind_customer<'a>(a: &mut Args<'a>, c: &'a Customer) -> Result<()> {
     const T: &str = "customers";
     add!(a; c.id.as_str(), to_json(T, &c.attributes)?, c.timezone.as_deref(),
-        to_json(T, &c.sends)?, to_json(T, &c.cooldowns)?, ms(c.updated_at));
+        to_json(T, &c.sends)?, to_json(T, &c.cooldowns)?, opt_ms(c.unsubscribed_at),
+        ms(c.updated_at));
     Ok(())
 }
 
@@ -497,7 +499,8 @@ pub(crate) fn bind_run<'a>(a: &mut Args<'a>, r: &'a Run) -> Result<()> {
 /// so they come back byte for byte.
 const LOAD: &str = "\
 SELECT
-  (SELECT json_group_array(json_array(id, attributes, timezone, sends, cooldowns, updated_at))
+  (SELECT json_group_array(json_array(id, attributes, timezone, sends, cooldowns,
+          unsubscribed_at, updated_at))
    FROM customers WHERE id IN (SELECT value FROM json_each(?1))),
   (SELECT json_group_array(json_array(id, flow, version, customer_id, status, step, wake_at,
           waiting_for, vars, event, arm, last_touch, goal_until, converted_at, outcome, seq,
@@ -707,7 +710,7 @@ impl Store for SqliteStore {
             }
             seqs.push(']');
             let mut args = Args::default();
-            add!(&mut args; seqs, codec::now_ms());
+            add!(&mut args; seqs, ms(batch.at));
             pipe.submit(INBOX_DONE, args).await?;
         }
         pipe.finish().await?;
