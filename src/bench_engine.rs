@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use canvas_engine::Registry;
 use canvas_engine::policy::Policy;
-use canvas_engine::runtime::{FlowSet, Runtime, Stats};
+use canvas_engine::runtime::{FlowSet, Runtime};
 use canvas_engine::state::{Event, InboxItem, ProfileUpdate, Time};
 use canvas_engine::store::{Database, Store};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -212,11 +212,9 @@ async fn bench(
 
     let enrol = bar(n as u64, "enrol, send, wait");
     let started = Instant::now();
-    let mut first = Stats::default();
-    while let Some(round) = runtime.process_inbox_batch(t0).await? {
-        enrol.inc(round.items);
-        first.add(round);
-    }
+    let first = runtime
+        .process_inbox_with(t0, |round| enrol.inc(round.items))
+        .await?;
     let enrol_secs = started.elapsed().as_secs_f64();
     enrol.finish_and_clear();
     let waiting = runtime.store.counts().await?.waiting;
@@ -225,11 +223,10 @@ async fn bench(
     let t1 = t0 + chrono::Duration::days(1);
     let fire = bar(n as u64, "timers, branch, send, exit");
     let started = Instant::now();
-    let mut second = Stats::default();
-    while let Some(round) = runtime.fire_due_batch(t1).await? {
-        fire.inc(round.transitions / 3);
-        second.add(round);
-    }
+    // Each customer takes three steps in this phase: branch, send, exit.
+    let second = runtime
+        .fire_due_with(t1, |round| fire.inc(round.transitions / 3))
+        .await?;
     let fire_secs = started.elapsed().as_secs_f64();
     fire.finish_and_clear();
 

@@ -4,7 +4,7 @@
 //! Every method takes `now` from its caller (who holds the [`crate::clock::Clock`]), so the
 //! daemon, `canvas simulate` and `canvas test` share it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use chrono::Utc;
@@ -138,21 +138,32 @@ impl<S: Store> Runtime<S> {
 
     /// Apply every pending inbox item, in order, a batch of items per transaction.
     pub async fn process_inbox(&self, now: Time) -> Result<Stats> {
-        let mut stats = Stats::default();
-        while let Some(round) = self.process_inbox_batch(now).await? {
-            stats.add(round);
-        }
-        Ok(stats)
+        self.process_inbox_with(now, |_| {}).await
     }
 
-    /// Apply one batch of pending inbox items in one transaction; `None` when none are left.
-    pub async fn process_inbox_batch(&self, now: Time) -> Result<Option<Stats>> {
-        {
-            let pending = self.store.inbox_pending(self.batch_size).await?;
-            if pending.is_empty() {
-                return Ok(None);
-            }
+    /// [`Runtime::process_inbox`], reporting each committed round to `progress`.
+    ///
+    /// Rounds are pipelined: while one round commits, the next is read, loaded and executed.
+    /// A round that shares a customer with the round still committing waits for that commit
+    /// first, so every customer's state is loaded as committed and applied in order.
+    pub async fn process_inbox_with(
+        &self,
+        now: Time,
+        mut progress: impl FnMut(&Stats),
+    ) -> Result<Stats> {
+        let mut stats = Stats::default();
+        let mut after = None;
+        let mut committing: Option<Committing> = None;
+        loop {
+            let pending = self.store.inbox_pending(after, self.batch_size).await?;
+            let Some(&(last, _)) = pending.last() else {
+                break;
+            };
+            after = Some(last);
             let ids = unique(pending.iter().map(|(_, i)| i.customer_id()));
+            if committing.as_ref().is_some_and(|c| c.touches(&ids)) {
+                stats.add(finish(committing.take(), &mut progress).await?);
+            }
             let mut work = self.load(&ids, now).await?;
             for (seq, item) in &pending {
                 let mut cs = work.entry(item.customer_id(), now);
@@ -164,38 +175,65 @@ impl<S: Store> Runtime<S> {
                 work.batch.inbox_done.push(*seq);
                 work.stats.items += 1;
             }
-            Ok(Some(self.commit(work, now).await?))
+            // One writer, in order: the previous round is committed before this one starts.
+            stats.add(finish(committing.take(), &mut progress).await?);
+            committing = Some(self.spawn_commit(work, ids, now));
         }
+        stats.add(finish(committing, &mut progress).await?);
+        Ok(stats)
     }
 
     /// Fire every timer due at `now`.
     pub async fn fire_due(&self, now: Time) -> Result<Stats> {
+        self.fire_due_with(now, |_| {}).await
+    }
+
+    /// [`Runtime::fire_due`], reporting each committed round to `progress`; pipelined like
+    /// [`Runtime::process_inbox_with`].
+    pub async fn fire_due_with(
+        &self,
+        now: Time,
+        mut progress: impl FnMut(&Stats),
+    ) -> Result<Stats> {
         let mut stats = Stats::default();
-        while let Some(round) = self.fire_due_batch(now).await? {
-            let progressed = round.transitions > 0;
-            stats.add(round);
-            if !progressed {
+        let mut committing: Option<Committing> = None;
+        loop {
+            // Customers still committing are still due in the store: read past them.
+            let extra = committing.as_ref().map_or(0, |c| c.customers.len());
+            let ids: Vec<String> = self
+                .store
+                .due(now, self.batch_size + extra)
+                .await?
+                .into_iter()
+                .filter(|id| {
+                    !committing
+                        .as_ref()
+                        .is_some_and(|c| c.customers.contains(id))
+                })
+                .take(self.batch_size)
+                .collect();
+            if ids.is_empty() {
+                if committing.is_none() {
+                    break;
+                }
+                stats.add(finish(committing.take(), &mut progress).await?);
+                continue;
+            }
+            let mut work = self.load(&ids, now).await?;
+            for id in &ids {
+                let mut cs = work.entry(id, now);
+                self.on_timers(&mut cs, now);
+            }
+            if work.batch.history.is_empty() {
                 // Only runs the runtime cannot move (a version it does not know): stop
                 // rather than spin; `on_timers` reports them.
                 break;
             }
+            stats.add(finish(committing.take(), &mut progress).await?);
+            committing = Some(self.spawn_commit(work, ids, now));
         }
+        stats.add(finish(committing, &mut progress).await?);
         Ok(stats)
-    }
-
-    /// Fire the timers of one batch of due customers in one transaction; `None` when no
-    /// timer is due.
-    pub async fn fire_due_batch(&self, now: Time) -> Result<Option<Stats>> {
-        let ids = self.store.due(now, self.batch_size).await?;
-        if ids.is_empty() {
-            return Ok(None);
-        }
-        let mut work = self.load(&ids, now).await?;
-        for id in &ids {
-            let mut cs = work.entry(id, now);
-            self.on_timers(&mut cs, now);
-        }
-        Ok(Some(self.commit(work, now).await?))
     }
 
     /// Enter the audience of every schedule whose cron fires in `(after, now]`, and recheck
@@ -289,38 +327,29 @@ impl<S: Store> Runtime<S> {
     }
 
     /// Write a round in one transaction.
-    async fn commit(&self, mut work: Work, now: Time) -> Result<Stats> {
-        for (_, l) in work.customers {
-            if l.customer_dirty {
-                work.batch.customers.push(l.customer);
-            }
-            for (run, dirty) in l.runs.into_iter().chain(l.converting) {
-                if dirty {
-                    work.batch.runs.push(run);
-                }
-            }
-            for (e, dirty) in l.enrolments.into_values() {
-                if dirty {
-                    work.batch.enrolments.push(e);
-                }
-            }
-        }
-        work.batch.at = now;
-        let mut stats = work.stats;
-        stats.transitions = work.batch.history.len() as u64;
-        stats.outbox = work.batch.outbox.len() as u64;
-        stats.calls = work
-            .batch
-            .outbox
-            .iter()
-            .filter(|o| o.kind == OutboxKind::Call)
-            .cloned()
-            .collect();
-        if !work.batch.is_empty() {
-            self.store.commit(&work.batch).await?;
-            stats.commits = 1;
+    async fn commit(&self, work: Work, now: Time) -> Result<Stats> {
+        let (batch, stats) = seal(work, now);
+        if !batch.is_empty() {
+            self.store.commit(&batch).await?;
         }
         Ok(stats)
+    }
+
+    /// Start committing a round in the background; the next round is prepared meanwhile.
+    fn spawn_commit(&self, work: Work, customers: Vec<String>, now: Time) -> Committing {
+        let (batch, stats) = seal(work, now);
+        let store = self.store.clone();
+        let handle = tokio::spawn(async move {
+            if batch.is_empty() {
+                return Ok(());
+            }
+            store.commit(&batch).await
+        });
+        Committing {
+            handle,
+            stats,
+            customers: customers.into_iter().collect(),
+        }
     }
 
     fn ctx<'a>(&'a self, flow: &'a CompiledFlow, now: Time) -> Ctx<'a> {
@@ -544,6 +573,69 @@ fn holds(
             false
         }
     }
+}
+
+/// Turn a round's in-memory state into the batch to write, and its figures.
+fn seal(mut work: Work, now: Time) -> (Batch, Stats) {
+    for (_, l) in work.customers {
+        if l.customer_dirty {
+            work.batch.customers.push(l.customer);
+        }
+        for (run, dirty) in l.runs.into_iter().chain(l.converting) {
+            if dirty {
+                work.batch.runs.push(run);
+            }
+        }
+        for (e, dirty) in l.enrolments.into_values() {
+            if dirty {
+                work.batch.enrolments.push(e);
+            }
+        }
+    }
+    work.batch.at = now;
+    let mut stats = work.stats;
+    stats.transitions = work.batch.history.len() as u64;
+    stats.outbox = work.batch.outbox.len() as u64;
+    stats.calls = work
+        .batch
+        .outbox
+        .iter()
+        .filter(|o| o.kind == OutboxKind::Call)
+        .cloned()
+        .collect();
+    if !work.batch.is_empty() {
+        stats.commits = 1;
+    }
+    (work.batch, stats)
+}
+
+/// A round being committed in the background.
+struct Committing {
+    handle: tokio::task::JoinHandle<Result<()>>,
+    stats: Stats,
+    customers: HashSet<String>,
+}
+
+impl Committing {
+    fn touches(&self, ids: &[String]) -> bool {
+        ids.iter().any(|id| self.customers.contains(id))
+    }
+}
+
+/// Wait for a background commit; its figures count once it is durable.
+async fn finish(
+    committing: Option<Committing>,
+    progress: &mut impl FnMut(&Stats),
+) -> Result<Stats> {
+    let Some(c) = committing else {
+        return Ok(Stats::default());
+    };
+    match c.handle.await {
+        Ok(result) => result?,
+        Err(e) => return Err(crate::store::StoreError::Task(e.to_string())),
+    }
+    progress(&c.stats);
+    Ok(c.stats)
 }
 
 /// The customers of one round, and what the round writes.

@@ -311,7 +311,7 @@ async fn enqueue_dedupes_by_event_id_and_keeps_order(db: Arc<Database>) {
         0
     );
 
-    let pending = db.inbox_pending(100).await.expect("pending");
+    let pending = db.inbox_pending(None, 100).await.expect("pending");
     let items: Vec<&InboxItem> = pending.iter().map(|(_, i)| i).collect();
     assert_eq!(
         items,
@@ -323,8 +323,11 @@ async fn enqueue_dedupes_by_event_id_and_keeps_order(db: Arc<Database>) {
         seqs.windows(2).all(|w| w[0] < w[1]),
         "increasing sequence numbers: {seqs:?}"
     );
-    let first_two = db.inbox_pending(2).await.expect("pending");
+    let first_two = db.inbox_pending(None, 2).await.expect("pending");
     assert_eq!(first_two, pending[..2].to_vec());
+    // Reading on after a sequence number: the next round, while the first still commits.
+    let next_two = db.inbox_pending(Some(seqs[1]), 2).await.expect("pending");
+    assert_eq!(next_two, pending[2..4].to_vec());
     assert_eq!(counts(&db).await.inbox_pending, 6);
 
     // Applied items leave the pending list, and a replayed `inbox_done` is harmless.
@@ -334,7 +337,7 @@ async fn enqueue_dedupes_by_event_id_and_keeps_order(db: Arc<Database>) {
     };
     commit(&db, &done).await;
     commit(&db, &done).await;
-    let rest = db.inbox_pending(100).await.expect("pending");
+    let rest = db.inbox_pending(None, 100).await.expect("pending");
     assert_eq!(rest, pending[2..].to_vec());
     assert_eq!(counts(&db).await.inbox_pending, 4);
     // Applied events still dedupe.
@@ -346,6 +349,7 @@ async fn commit_and_load_roundtrip_every_record(db: Arc<Database>) {
     let mut c2 = customer("c2");
     c2.timezone = None;
     c2.sends.clear();
+    c2.unsubscribed_at = Some(t(5));
     let waiting = run("c1", "post-purchase", 1, Some(t(60)));
     let mut no_event = run("c1", "birthday", 1, None);
     no_event.event = None;
@@ -407,6 +411,7 @@ async fn commit_and_load_roundtrip_every_record(db: Arc<Database>) {
             outbox: o.clone(),
             conversions: vec![conv.clone()],
             inbox_done: vec![],
+            at: t(0),
         },
     )
     .await;
@@ -535,6 +540,7 @@ async fn replayed_commit_adds_no_duplicates(db: Arc<Database>) {
         outbox: vec![outbox(&r, "welcome")],
         conversions: vec![conversion(&r)],
         inbox_done: vec![],
+        at: t(0),
     };
     commit(&db, &batch).await;
     let before = counts(&db).await;

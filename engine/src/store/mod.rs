@@ -22,6 +22,9 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A background commit could not finish (its task panicked or was cancelled).
+    #[error("a commit task failed: {0}")]
+    Task(String),
     #[error("unsupported database URL `{0}`: use sqlite://PATH, sqlite::memory: or postgres://…")]
     Url(String),
     /// `PgStore::connect_with_schema` takes lower-case SQL identifiers only.
@@ -58,7 +61,8 @@ pub struct Counts {
 }
 
 /// The engine's storage. Every method is one round trip or one transaction.
-pub trait Store: Send + Sync {
+/// Stores are cheap handles (a connection pool inside): clone one to commit in the background.
+pub trait Store: Clone + Send + Sync + 'static {
     /// Record flow versions (idempotent).
     fn put_flow_versions(
         &self,
@@ -76,9 +80,12 @@ pub trait Store: Send + Sync {
     /// many items were accepted.
     fn enqueue(&self, items: &[InboxItem]) -> impl Future<Output = Result<usize>> + Send;
 
-    /// Up to `limit` unapplied inbox items, oldest first, with their sequence numbers.
+    /// Up to `limit` unapplied inbox items after sequence number `after` (all when `None`),
+    /// oldest first, with their sequence numbers. `after` lets a caller read the next round
+    /// while the previous one is still committing.
     fn inbox_pending(
         &self,
+        after: Option<i64>,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<(i64, InboxItem)>>> + Send;
 
@@ -232,8 +239,12 @@ impl Store for Database {
         delegate!(self, s => s.enqueue(items))
     }
 
-    async fn inbox_pending(&self, limit: usize) -> Result<Vec<(i64, InboxItem)>> {
-        delegate!(self, s => s.inbox_pending(limit))
+    async fn inbox_pending(
+        &self,
+        after: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<(i64, InboxItem)>> {
+        delegate!(self, s => s.inbox_pending(after, limit))
     }
 
     async fn load(&self, customer_ids: &[String], now: Time) -> Result<Vec<CustomerState>> {

@@ -546,12 +546,17 @@ impl Store for PgStore {
         Ok(usize::try_from(done.rows_affected()).unwrap_or(usize::MAX))
     }
 
-    async fn inbox_pending(&self, limit: usize) -> Result<Vec<(i64, InboxItem)>> {
+    async fn inbox_pending(
+        &self,
+        after: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<(i64, InboxItem)>> {
         let rows: Vec<InboxRow> = sqlx::query_as(
-            "SELECT seq, item::text AS item FROM inbox WHERE applied_at IS NULL
+            "SELECT seq, item::text AS item FROM inbox WHERE applied_at IS NULL AND seq > $2
              ORDER BY seq LIMIT $1",
         )
         .bind(limit_i64(limit))
+        .bind(after.unwrap_or(i64::MIN))
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter().map(InboxRow::into_item).collect()

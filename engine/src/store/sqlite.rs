@@ -589,12 +589,18 @@ impl Store for SqliteStore {
         Ok(usize::try_from(accepted).unwrap_or(usize::MAX))
     }
 
-    async fn inbox_pending(&self, limit: usize) -> Result<Vec<(i64, InboxItem)>> {
+    async fn inbox_pending(
+        &self,
+        after: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<(i64, InboxItem)>> {
         let text: String = sqlx::query_scalar(
             "SELECT json_group_array(json_array(seq, item) ORDER BY seq) FROM
-               (SELECT seq, item FROM inbox WHERE applied_at IS NULL ORDER BY seq LIMIT ?1)",
+               (SELECT seq, item FROM inbox WHERE applied_at IS NULL AND seq > ?2
+                ORDER BY seq LIMIT ?1)",
         )
         .bind(limit_i64(limit))
+        .bind(after.unwrap_or(i64::MIN))
         .fetch_one(&self.read)
         .await?;
         parse_rows::<InboxRow>("inbox", &text)?
