@@ -102,10 +102,10 @@ async fn fresh(database: Option<&str>, tag: &str) -> anyhow::Result<Fresh> {
 
 impl Fresh {
     async fn cleanup(self) {
-        if let Database::Postgres(pg) = &self.db {
-            if let Err(e) = pg.drop_schema().await {
-                tracing::warn!("could not drop the benchmark schema: {e}");
-            }
+        if let Database::Postgres(pg) = &self.db
+            && let Err(e) = pg.drop_schema().await
+        {
+            tracing::warn!("could not drop the benchmark schema: {e}");
         }
         drop(self.db);
         if let Some(f) = self.file {
