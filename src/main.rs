@@ -5,6 +5,7 @@ mod bench;
 mod bench_engine;
 mod output;
 mod play;
+mod status;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -84,6 +85,17 @@ enum Command {
         /// Customers per transaction.
         #[arg(long, default_value_t = 1000)]
         batch: usize,
+    },
+    /// Where customers are and what the journeys achieved: runs waiting at each step,
+    /// conversions per arm, and the lift of a holdout.
+    Status {
+        #[arg(long, default_value = "sqlite://canvas.db")]
+        database: String,
+        /// One flow only.
+        #[arg(long)]
+        flow: Option<String>,
+        #[arg(long, value_enum, default_value_t = Format::Human)]
+        format: Format,
     },
     /// Print the JSON Schema of the flow language (committed as schema/flow.schema.json).
     Schema,
@@ -210,6 +222,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             at,
             batch: size,
         } => batch::run(&database, &flows, at.as_deref(), size.max(1), &registry),
+        Command::Status {
+            database,
+            flow,
+            format,
+        } => status::status(&database, flow.as_deref(), format),
         Command::Test { paths, format } => play::test(paths, format, &registry),
         Command::Simulate {
             flow,

@@ -228,6 +228,9 @@ pub fn simulate(
                     )?;
                 }
             }
+            let report = rt.block_on(crate::status::Report::read(store, Some(&flow_id)))?;
+            writeln!(out)?;
+            report.write_human(&mut out)?;
             writeln!(
                 out,
                 "{} customers, {} steps, {} outbox rows, virtual time {} → {}",

@@ -177,3 +177,81 @@ fn simulate_prints_each_customers_trace() {
     assert_eq!(json[0]["customer"], "follower");
     assert_eq!(json[0]["outbox"][0]["key"], "welcome/follower/1/hello");
 }
+
+#[test]
+fn ingest_run_and_status_on_a_database_file() {
+    let tmp = fixture_with("none.test.yaml", "");
+    std::fs::remove_file(tmp.path().join("none.test.yaml")).unwrap();
+    let inbox = tmp.path().join("inbox.jsonl");
+    let mut lines = String::new();
+    for c in ["a", "b", "c"] {
+        lines.push_str(&format!(
+            "{{\"kind\":\"profile\",\"customer_id\":\"{c}\",\"set\":{{\"phone\":\"+1\"}},\"at\":\"2026-03-02T10:00:00Z\"}}\n\
+             {{\"kind\":\"event\",\"id\":\"s-{c}\",\"customer_id\":\"{c}\",\"name\":\"signed_up\",\"occurred_at\":\"2026-03-02T10:00:00Z\"}}\n"
+        ));
+    }
+    lines.push_str("{\"kind\":\"event\",\"id\":\"o-a\",\"customer_id\":\"a\",\"name\":\"order_paid\",\"occurred_at\":\"2026-03-02T11:00:00Z\"}\n");
+    std::fs::write(&inbox, lines).unwrap();
+    let db = format!("sqlite://{}", tmp.path().join("c.db").display());
+    let dir = tmp.path().to_string_lossy().into_owned();
+
+    let out = canvas(&["ingest", &inbox.to_string_lossy(), "--database", &db]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout(&out).contains("ingested 7 of 7 items"),
+        "{}",
+        stdout(&out)
+    );
+    // Again: the events are duplicates now.
+    let again = stdout(&canvas(&[
+        "ingest",
+        &inbox.to_string_lossy(),
+        "--database",
+        &db,
+    ]));
+    assert!(
+        again.contains("ingested 3 of 7 items (4 duplicates dropped)"),
+        "{again}"
+    );
+
+    let out = canvas(&[
+        "run",
+        "--database",
+        &db,
+        "--flows",
+        &dir,
+        "--at",
+        "2026-03-02T12:00:00Z",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let text = stdout(&canvas(&["status", "--database", &db]));
+    assert!(
+        text.contains("welcome\n  waiting  pause 2\n  treated  3 runs, 1 converted (33.3%)"),
+        "{text}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&canvas(&["status", "--database", &db, "--format", "json"]).stdout)
+            .unwrap();
+    assert_eq!(json["flows"][0]["waiting"]["pause"], 2);
+    assert_eq!(json["flows"][0]["arms"][0]["converted"], 1);
+
+    // A broken line is refused with its line number, and nothing is ingested.
+    std::fs::write(&inbox, "{\"kind\":\"event\"}\n").unwrap();
+    let bad = canvas(&["ingest", &inbox.to_string_lossy(), "--database", &db]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr)
+            .contains("inbox.jsonl:1: not an event or profile update")
+    );
+}

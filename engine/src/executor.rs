@@ -110,6 +110,9 @@ pub fn new_run(
     event: Option<&Event>,
     now: Time,
 ) -> Run {
+    // A customer enters when the triggering event happened (it may be applied a little
+    // later, or much later in a backfill): the goal window counts from there.
+    let entered = event.map_or(now, |e| e.occurred_at.min(now));
     Run {
         id: format!("{}/{}/{}", flow.id, customer_id, entries + 1),
         flow: flow.id.clone(),
@@ -123,11 +126,14 @@ pub fn new_run(
         event: event.cloned(),
         arm: Arm::Treated,
         last_touch: None,
-        goal_until: flow.goal.as_ref().map(|g| now + secs(g.within.as_secs())),
+        goal_until: flow
+            .goal
+            .as_ref()
+            .map(|g| entered + secs(g.within.as_secs())),
         converted_at: None,
         outcome: None,
         seq: 0,
-        entered_at: now,
+        entered_at: entered,
         updated_at: now,
     }
 }

@@ -528,7 +528,7 @@ impl<S: Store> Runtime<S> {
         }
         let mut run = executor::new_run(flow, &customer_id, enrolment.entries, event, now);
         enrolment.entries += 1;
-        enrolment.last_entered_at = Some(now);
+        enrolment.last_entered_at = Some(run.entered_at);
         enrolment.active_run = Some(run.id.clone());
         *enrolment_dirty = true;
         let tr = executor::step(

@@ -393,6 +393,35 @@ impl NodeCountRow {
 }
 
 #[derive(sqlx::FromRow)]
+pub(crate) struct ArmCountRow {
+    pub flow: String,
+    pub arm: String,
+    pub runs: i64,
+    pub converted: i64,
+}
+
+impl ArmCountRow {
+    pub fn into_count(self) -> Result<super::ArmCount> {
+        let arm = match self.arm.as_str() {
+            "treated" => crate::state::Arm::Treated,
+            "control" => crate::state::Arm::Control,
+            other => {
+                return Err(StoreError::Corrupt {
+                    table: "runs",
+                    message: format!("unknown arm `{other}`"),
+                });
+            }
+        };
+        Ok(super::ArmCount {
+            flow: self.flow,
+            arm,
+            runs: u64::try_from(self.runs).unwrap_or(0),
+            converted: u64::try_from(self.converted).unwrap_or(0),
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
 pub(crate) struct CountsRow {
     pub customers: i64,
     pub runs: i64,

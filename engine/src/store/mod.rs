@@ -140,6 +140,31 @@ pub trait Store: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<NodeCount>>> + Send;
 
     fn counts(&self) -> impl Future<Output = Result<Counts>> + Send;
+
+    /// Per flow and arm: how many runs entered, and how many converted.
+    fn goal_report(&self, flow: Option<&str>)
+    -> impl Future<Output = Result<Vec<ArmCount>>> + Send;
+}
+
+/// Runs and conversions of one arm of one flow; the lift of a holdout is the treated
+/// conversion rate minus the control one.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ArmCount {
+    pub flow: String,
+    pub arm: crate::state::Arm,
+    pub runs: u64,
+    pub converted: u64,
+}
+
+impl ArmCount {
+    /// Converted runs as a share of runs, 0–1.
+    pub fn rate(&self) -> f64 {
+        if self.runs == 0 {
+            0.0
+        } else {
+            self.converted as f64 / self.runs as f64
+        }
+    }
 }
 
 /// A store chosen at run time from a URL.
@@ -289,5 +314,9 @@ impl Store for Database {
 
     async fn counts(&self) -> Result<Counts> {
         delegate!(self, s => s.counts())
+    }
+
+    async fn goal_report(&self, flow: Option<&str>) -> Result<Vec<ArmCount>> {
+        delegate!(self, s => s.goal_report(flow))
     }
 }

@@ -851,6 +851,21 @@ impl Store for SqliteStore {
         Ok(rows.into_iter().map(NodeCountRow::into_count).collect())
     }
 
+    async fn goal_report(&self, flow: Option<&str>) -> Result<Vec<super::ArmCount>> {
+        let rows: Vec<codec::ArmCountRow> = sqlx::query_as(
+            "SELECT r.flow AS flow, r.arm AS arm, COUNT(*) AS runs, COUNT(c.run_id) AS converted
+             FROM runs r LEFT JOIN conversions c ON c.run_id = r.id
+             WHERE ?1 IS NULL OR r.flow = ?1
+             GROUP BY r.flow, r.arm ORDER BY r.flow, r.arm",
+        )
+        .bind(flow)
+        .fetch_all(&self.read)
+        .await?;
+        rows.into_iter()
+            .map(codec::ArmCountRow::into_count)
+            .collect()
+    }
+
     async fn counts(&self) -> Result<Counts> {
         let row: CountsRow = sqlx::query_as(
             "SELECT (SELECT COUNT(*) FROM customers) AS customers,
