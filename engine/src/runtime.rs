@@ -197,18 +197,22 @@ impl<S: Store> Runtime<S> {
     ) -> Result<Stats> {
         let mut stats = Stats::default();
         let mut committing: Option<Committing> = None;
+        // Customers whose due runs cannot move (pinned to a flow version this process has
+        // not loaded): left due, and read past so they never hold up the timers behind them.
+        let mut stuck: HashSet<String> = HashSet::new();
         loop {
-            // Customers still committing are still due in the store: read past them.
-            let extra = committing.as_ref().map_or(0, |c| c.customers.len());
+            // Customers still committing are still due in the store: read past them too.
+            let extra = committing.as_ref().map_or(0, |c| c.customers.len()) + stuck.len();
             let ids: Vec<String> = self
                 .store
                 .due(now, self.batch_size + extra)
                 .await?
                 .into_iter()
                 .filter(|id| {
-                    !committing
-                        .as_ref()
-                        .is_some_and(|c| c.customers.contains(id))
+                    !stuck.contains(id)
+                        && !committing
+                            .as_ref()
+                            .is_some_and(|c| c.customers.contains(id))
                 })
                 .take(self.batch_size)
                 .collect();
@@ -223,11 +227,12 @@ impl<S: Store> Runtime<S> {
             for id in &ids {
                 let mut cs = work.entry(id, now);
                 self.on_timers(&mut cs, now);
-            }
-            if work.batch.history.is_empty() {
-                // Only runs the runtime cannot move (a version it does not know): stop
-                // rather than spin; `on_timers` reports them.
-                break;
+                let still_due = cs.loaded.runs.iter().any(|(r, _)| {
+                    r.status == RunStatus::Waiting && r.wake_at.is_some_and(|w| w <= now)
+                });
+                if still_due {
+                    stuck.insert(id.clone());
+                }
             }
             stats.add(finish(committing.take(), &mut progress).await?);
             committing = Some(self.spawn_commit(work, ids, now));

@@ -318,3 +318,77 @@ async fn replayed_inputs_change_nothing() {
     assert_eq!(runs.len(), 1);
     assert_eq!(runs[0].status, RunStatus::Waiting);
 }
+
+/// After a restart that dropped a flow version, runs pinned to it cannot move — and must not
+/// hold up the timers of anyone else.
+#[tokio::test]
+async fn runs_on_an_unknown_version_do_not_block_other_timers() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(tmp.path().join("templates/j")).expect("mkdir");
+    std::fs::write(tmp.path().join("templates/j/a.txt"), "a\n").expect("write");
+    let flow = |wait: &str| {
+        format!(
+            "flow: pinned\nname: P\ntimezone: UTC\ntrigger: {{ event: go }}\nsteps:\n  - {{ id: pause, wait: {{ for: {wait} }} }}\n  - {{ id: last, send: sms, template: j/a }}\n"
+        )
+    };
+    std::fs::write(tmp.path().join("pinned.yaml"), flow("1h")).expect("write");
+    let v1 = flows(tmp.path()).remove(0);
+    std::fs::write(tmp.path().join("pinned.yaml"), flow("2h")).expect("write");
+    let v2 = flows(tmp.path()).remove(0);
+    let db = tmp.path().join("db.sqlite");
+    let phone = |c: &str| {
+        let mut set = serde_json::Map::new();
+        set.insert("phone".into(), serde_json::json!("+1"));
+        InboxItem::Profile(ProfileUpdate {
+            customer_id: c.into(),
+            set,
+            timezone: None,
+            at: at("2026-03-02T10:00Z"),
+        })
+    };
+    // Before the deploy: `old` enters on v1.
+    let before = Runtime::new(
+        SqliteStore::open(&db).await.expect("open"),
+        FlowSet::new([v1]),
+        Policy::default(),
+        registry(),
+    );
+    before
+        .store
+        .enqueue(&[phone("old"), event("e1", "old", "go", "2026-03-02T10:00Z")])
+        .await
+        .expect("enqueue");
+    before
+        .process_inbox(at("2026-03-02T10:00Z"))
+        .await
+        .expect("process");
+    // After: the process knows v2 only; `new` enters on it.
+    let mut after = Runtime::new(
+        SqliteStore::open(&db).await.expect("open"),
+        FlowSet::new([v2]),
+        Policy::default(),
+        registry(),
+    );
+    after.batch_size = 1;
+    after
+        .store
+        .enqueue(&[phone("new"), event("e2", "new", "go", "2026-03-02T10:00Z")])
+        .await
+        .expect("enqueue");
+    after
+        .process_inbox(at("2026-03-02T10:00Z"))
+        .await
+        .expect("process");
+    // Both are due; `old` first, and it cannot move.
+    let stats = after.fire_due(at("2026-03-02T12:00Z")).await.expect("fire");
+    assert_eq!(stats.outbox, 1);
+    assert_eq!(
+        after.store.outbox(Some("new")).await.expect("outbox").len(),
+        1
+    );
+    let old = after.store.runs("old").await.expect("runs");
+    assert_eq!(
+        (old[0].status, old[0].step.as_deref()),
+        (RunStatus::Waiting, Some("pause"))
+    );
+}
