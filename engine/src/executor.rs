@@ -449,13 +449,7 @@ impl Exec<'_, '_> {
     fn exec(&mut self, node: NodeIndex, step: &Step) -> Flow {
         let id = step.id.clone();
         match &step.kind {
-            StepKind::Send {
-                channels,
-                template,
-                files,
-                priority,
-                next,
-            } => self.send(node, &id, channels, template, files, *priority, *next),
+            StepKind::Send { .. } => self.send(node),
             StepKind::Wait { wait, next } => self.wait(&id, wait, *next),
             StepKind::Branch { arms, otherwise } => {
                 for (i, (cond, to)) in arms.iter().enumerate() {
@@ -716,18 +710,20 @@ impl Exec<'_, '_> {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn send(
-        &mut self,
-        node: NodeIndex,
-        id: &str,
-        channels: &[String],
-        template: &str,
-        files: &std::collections::BTreeMap<String, Vec<String>>,
-        priority: Priority,
-        next: Target,
-    ) -> Flow {
-        let _ = node;
+    fn send(&mut self, node: NodeIndex) -> Flow {
+        let flow = self.cx.flow;
+        let step = &flow.graph[node];
+        let StepKind::Send {
+            channels,
+            template,
+            files,
+            priority,
+            next,
+        } = &step.kind
+        else {
+            return Flow::Go(None);
+        };
+        let (id, priority, next) = (step.id.as_str(), *priority, *next);
         // Fallback: the first channel the customer can receive on.
         let reachable = channels.iter().find_map(|c| {
             let spec = self.cx.registry.channel(c)?;
