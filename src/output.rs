@@ -31,9 +31,29 @@ pub fn validation(
                     plural(v.files.len())
                 )
             } else {
+                // Diagnostics may also point at `canvas.yaml`, which is not a flow file.
+                let flow_files: std::collections::BTreeSet<_> =
+                    v.files.iter().map(|f| &f.path).collect();
+                let other: std::collections::BTreeSet<_> = v
+                    .diagnostics
+                    .iter()
+                    .map(|d| &d.file)
+                    .filter(|f| !flow_files.contains(f))
+                    .collect();
+                let also = match other.len() {
+                    0 => String::new(),
+                    _ => format!(
+                        " and {}",
+                        other
+                            .iter()
+                            .map(|f| f.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                };
                 writeln!(
                     out,
-                    "✗ {errors} error{} in {bad} of {} flow file{}",
+                    "✗ {errors} error{} in {bad} of {} flow file{}{also}",
                     plural(errors),
                     v.files.len(),
                     plural(v.files.len())

@@ -255,3 +255,23 @@ fn ingest_run_and_status_on_a_database_file() {
             .contains("inbox.jsonl:1: not an event or profile update")
     );
 }
+
+#[test]
+fn validate_checks_canvas_yaml_too() {
+    let tmp = fixture_with("none.test.yaml", "");
+    std::fs::write(
+        tmp.path().join("canvas.yaml"),
+        "caps:\n  - { max: 2, per: 1x }\n",
+    )
+    .unwrap();
+    let out = canvas(&[
+        "validate",
+        "--format",
+        "github",
+        &tmp.path().to_string_lossy(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out);
+    assert!(text.contains("canvas.yaml,line=2,"), "{text}");
+    assert!(text.contains("CNV0301"), "{text}");
+}
