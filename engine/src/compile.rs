@@ -79,16 +79,7 @@ pub fn compile(
         }
     };
     for dup in &doc.duplicate_keys {
-        cx.diags.push(
-            Diagnostic::new(
-                Code::DuplicateKey,
-                file,
-                Some(dup.again),
-                format!("key `{}` is written twice", dup.key),
-            )
-            .with_related(file, Some(dup.first), "first written here")
-            .with_help("remove one of them; YAML keeps only one"),
-        );
+        cx.diags.push(Diagnostic::duplicate_key(file, dup));
     }
     let id = doc
         .root

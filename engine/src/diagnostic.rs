@@ -215,6 +215,18 @@ impl Diagnostic {
         }
     }
 
+    /// A key written twice in one mapping (flow files and `canvas.yaml` alike).
+    pub fn duplicate_key(file: &Path, dup: &crate::yaml::DuplicateKey) -> Self {
+        Diagnostic::new(
+            Code::DuplicateKey,
+            file,
+            Some(dup.again),
+            format!("key `{}` is written twice", dup.key),
+        )
+        .with_related(file, Some(dup.first), "first written here")
+        .with_help("remove one of them; YAML keeps only one")
+    }
+
     pub fn with_help(mut self, help: impl Into<String>) -> Self {
         self.help = Some(help.into());
         self

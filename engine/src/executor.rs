@@ -921,8 +921,7 @@ impl Exec<'_, '_> {
     }
 
     fn with_scope<R>(&self, event: Option<&Event>, f: impl FnOnce(&Scope<'_>) -> R) -> R {
-        let mut profile = self.customer.attributes.clone();
-        profile.insert("id".into(), json!(self.customer.id));
+        let profile = self.customer.profile();
         let event = event.or(self.run.event.as_ref()).map(Event::to_json);
         let vars = Json::Object(self.run.vars.clone());
         let flow = json!({ "id": self.flow().id, "name": self.flow().name });

@@ -397,16 +397,7 @@ impl Policy {
             diags: Vec::new(),
         };
         for dup in &doc.duplicate_keys {
-            cx.diags.push(
-                Diagnostic::new(
-                    Code::DuplicateKey,
-                    file,
-                    Some(dup.again),
-                    format!("key `{}` is written twice", dup.key),
-                )
-                .with_related(file, Some(dup.first), "first written here")
-                .with_help("remove one of them; YAML keeps only one"),
-            );
+            cx.diags.push(Diagnostic::duplicate_key(file, dup));
         }
         if !matches!(doc.root.value, Value::Map(_)) {
             cx.diags.push(
@@ -627,54 +618,10 @@ fn load_error(file: &Path, e: &LoadError) -> Diagnostic {
 struct RawPolicy {
     timezone: Option<Spanned<String>>,
     caps: Option<Vec<Lenient<Spanned<RawCap>>>>,
-    quiet_hours: Option<RawQuiet>,
+    quiet_hours: Option<OffOr<RawQuietMap>>,
     when_capped: Option<Handling>,
     when_quiet: Option<Handling>,
-    unsubscribe: Option<RawUnsubscribe>,
-}
-
-/// `unsubscribe: off` or `unsubscribe: { event: unsubscribed, resubscribe: resubscribed }`.
-#[derive(Debug)]
-enum RawUnsubscribe {
-    Off,
-    Events(Unsubscribe),
-}
-
-impl<'de> Deserialize<'de> for RawUnsubscribe {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = RawUnsubscribe;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("`off` or a mapping with `event` and `resubscribe`")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawUnsubscribe, E> {
-                if v == "off" {
-                    Ok(RawUnsubscribe::Off)
-                } else {
-                    Err(E::custom(format!(
-                        "`unsubscribe: {v}` cannot be read; write `unsubscribe: off` or `unsubscribe: {{ event: unsubscribed, resubscribe: resubscribed }}`"
-                    )))
-                }
-            }
-            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<RawUnsubscribe, E> {
-                if v {
-                    Ok(RawUnsubscribe::Events(Unsubscribe::default()))
-                } else {
-                    Ok(RawUnsubscribe::Off)
-                }
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                map: A,
-            ) -> Result<RawUnsubscribe, A::Error> {
-                let m =
-                    Unsubscribe::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
-                Ok(RawUnsubscribe::Events(m))
-            }
-        }
-        d.deserialize_any(V)
-    }
+    unsubscribe: Option<OffOr<Unsubscribe>>,
 }
 
 /// The events that take a customer out of every flow, and back in.
@@ -720,46 +667,74 @@ struct RawQuietMap {
     between: Spanned<String>,
 }
 
-/// `quiet_hours: off` or `quiet_hours: { between: "21:00-09:00" }`.
+/// A setting written as its mapping, or as `off` (or `false`) to turn it off:
+/// `quiet_hours: off`, `unsubscribe: off`.
 #[derive(Debug)]
-enum RawQuiet {
+enum OffOr<T> {
     Off,
-    Between(Spanned<String>),
+    On(T),
 }
 
-impl<'de> Deserialize<'de> for RawQuiet {
+/// How a setting that can be turned off reads and explains itself.
+trait Switchable: Sized + for<'de> Deserialize<'de> {
+    /// The key, for messages.
+    const KEY: &'static str;
+    /// A mapping to show in messages.
+    const EXAMPLE: &'static str;
+    /// What `KEY: true` means, or why it means nothing.
+    fn when_true() -> Result<Self, String>;
+}
+
+impl Switchable for RawQuietMap {
+    const KEY: &'static str = "quiet_hours";
+    const EXAMPLE: &'static str = "{ between: \"21:00-09:00\" }";
+    fn when_true() -> Result<Self, String> {
+        Err(format!(
+            "`quiet_hours: true` says no range; write `quiet_hours: {}`",
+            Self::EXAMPLE
+        ))
+    }
+}
+
+impl Switchable for Unsubscribe {
+    const KEY: &'static str = "unsubscribe";
+    const EXAMPLE: &'static str = "{ event: unsubscribed, resubscribe: resubscribed }";
+    fn when_true() -> Result<Self, String> {
+        Ok(Unsubscribe::default())
+    }
+}
+
+impl<'de, T: Switchable> Deserialize<'de> for OffOr<T> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = RawQuiet;
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Switchable> serde::de::Visitor<'de> for V<T> {
+            type Value = OffOr<T>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("`off` or a mapping with `between`")
+                write!(f, "`off` or a mapping such as `{}`", T::EXAMPLE)
             }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawQuiet, E> {
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<OffOr<T>, E> {
                 if v == "off" {
-                    Ok(RawQuiet::Off)
+                    Ok(OffOr::Off)
                 } else {
                     Err(E::custom(format!(
-                        "`quiet_hours: {v}` cannot be read; write `quiet_hours: off` or `quiet_hours: {{ between: \"21:00-09:00\" }}`"
+                        "`{key}: {v}` cannot be read; write `{key}: off` or `{key}: {}`",
+                        T::EXAMPLE,
+                        key = T::KEY
                     )))
                 }
             }
-            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<RawQuiet, E> {
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<OffOr<T>, E> {
                 if v {
-                    Err(E::custom(
-                        "`quiet_hours: true` says no range; write `quiet_hours: { between: \"21:00-09:00\" }`",
-                    ))
+                    T::when_true().map(OffOr::On).map_err(E::custom)
                 } else {
-                    Ok(RawQuiet::Off)
+                    Ok(OffOr::Off)
                 }
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RawQuiet, A::Error> {
-                let m =
-                    RawQuietMap::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
-                Ok(RawQuiet::Between(m.between))
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<OffOr<T>, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(OffOr::On)
             }
         }
-        d.deserialize_any(V)
+        d.deserialize_any(V(std::marker::PhantomData))
     }
 }
 
@@ -845,8 +820,8 @@ impl Check {
         };
         let quiet_hours = match &raw.quiet_hours {
             None => Some(defaults.quiet_hours),
-            Some(RawQuiet::Off) => Some(None),
-            Some(RawQuiet::Between(b)) => self.between(b).map(Some),
+            Some(OffOr::Off) => Some(None),
+            Some(OffOr::On(q)) => self.between(&q.between).map(Some),
         };
         Some(Policy {
             timezone: timezone?,
@@ -856,8 +831,8 @@ impl Check {
             when_quiet: raw.when_quiet.unwrap_or(defaults.when_quiet),
             unsubscribe: match &raw.unsubscribe {
                 None => defaults.unsubscribe,
-                Some(RawUnsubscribe::Off) => None,
-                Some(RawUnsubscribe::Events(u)) => Some(u.clone()),
+                Some(OffOr::Off) => None,
+                Some(OffOr::On(u)) => Some(u.clone()),
             },
         })
     }

@@ -8,7 +8,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use chrono::Utc;
-use serde_json::json;
 
 use crate::eval::{self, Scope};
 use crate::executor::{self, Ctx, Input, Transition};
@@ -560,8 +559,7 @@ fn holds(
     event: Option<&Event>,
     now: Time,
 ) -> bool {
-    let mut profile = customer.attributes.clone();
-    profile.insert("id".into(), json!(customer.id));
+    let profile = customer.profile();
     let event = event.map(Event::to_json);
     let scope = Scope {
         customer: &profile,

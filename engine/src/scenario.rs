@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value as Json};
 
 use crate::clock::{Clock, VirtualClock};
-use crate::de::{self, DecodeError, Spanned};
+use crate::de::{self, Spanned};
 use crate::flow::CompiledFlow;
 use crate::policy::Policy;
 use crate::registry::Registry;
@@ -209,7 +209,7 @@ pub fn parse(path: &Path, text: &str, flow: Option<&str>) -> Result<Scenario, Sc
     }
     let (raw, decode_errors) = de::decode::<RawScenario>(&doc.root);
     for e in decode_errors {
-        errs.at(e.span.unwrap_or_default(), describe(&e));
+        errs.at(e.span.unwrap_or_default(), e.to_string());
     }
     let Some(raw) = raw else {
         return Err(ScenarioError::File(errs.list));
@@ -370,10 +370,6 @@ pub fn parse(path: &Path, text: &str, flow: Option<&str>) -> Result<Scenario, Sc
         calls: raw.calls,
         expect: raw.expect,
     })
-}
-
-fn describe(e: &DecodeError) -> String {
-    e.to_string()
 }
 
 /// A scenario after it ran: the store holds every run, history row and outbox row.

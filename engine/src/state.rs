@@ -32,6 +32,14 @@ pub struct Customer {
 }
 
 impl Customer {
+    /// The profile as expressions and templates see it (`customer.*`): the attributes,
+    /// plus `id`.
+    pub fn profile(&self) -> Map<String, Json> {
+        let mut profile = self.attributes.clone();
+        profile.insert("id".into(), Json::String(self.id.clone()));
+        profile
+    }
+
     pub fn new(id: impl Into<String>, now: Time) -> Customer {
         Customer {
             id: id.into(),

@@ -181,6 +181,18 @@ fn event(id: &str, customer: &str, name: &str, t: &str) -> InboxItem {
     })
 }
 
+/// A profile update giving customer `c` a phone number, at the start of these tests.
+fn phone(c: &str) -> InboxItem {
+    let mut set = serde_json::Map::new();
+    set.insert("phone".into(), serde_json::json!("+1"));
+    InboxItem::Profile(ProfileUpdate {
+        customer_id: c.into(),
+        set,
+        timezone: None,
+        at: at("2026-03-02T10:00Z"),
+    })
+}
+
 /// A run stays on the version it entered with; a new version affects new entries only.
 #[tokio::test]
 async fn runs_stay_on_their_flow_version() {
@@ -210,16 +222,6 @@ async fn runs_stay_on_their_flow_version() {
         Policy::default(),
         registry(),
     );
-    let phone = |c: &str| {
-        let mut set = serde_json::Map::new();
-        set.insert("phone".into(), serde_json::json!("+1"));
-        InboxItem::Profile(ProfileUpdate {
-            customer_id: c.into(),
-            set,
-            timezone: None,
-            at: at("2026-03-02T10:00Z"),
-        })
-    };
     rt.store
         .enqueue(&[
             phone("old"),
@@ -291,15 +293,8 @@ async fn replayed_inputs_change_nothing() {
         Policy::default(),
         registry(),
     );
-    let mut set = serde_json::Map::new();
-    set.insert("phone".into(), serde_json::json!("+1"));
     let items = vec![
-        InboxItem::Profile(ProfileUpdate {
-            customer_id: "c".into(),
-            set,
-            timezone: None,
-            at: at("2026-03-02T10:00Z"),
-        }),
+        phone("c"),
         event("signup-1", "c", "signed_up", "2026-03-02T10:00Z"),
     ];
     assert_eq!(rt.store.enqueue(&items).await.expect("enqueue"), 2);
@@ -336,16 +331,6 @@ async fn runs_on_an_unknown_version_do_not_block_other_timers() {
     std::fs::write(tmp.path().join("pinned.yaml"), flow("2h")).expect("write");
     let v2 = flows(tmp.path()).remove(0);
     let db = tmp.path().join("db.sqlite");
-    let phone = |c: &str| {
-        let mut set = serde_json::Map::new();
-        set.insert("phone".into(), serde_json::json!("+1"));
-        InboxItem::Profile(ProfileUpdate {
-            customer_id: c.into(),
-            set,
-            timezone: None,
-            at: at("2026-03-02T10:00Z"),
-        })
-    };
     // Before the deploy: `old` enters on v1.
     let before = Runtime::new(
         SqliteStore::open(&db).await.expect("open"),
