@@ -122,6 +122,113 @@ pub async fn raw_ceiling(db: &Database, n: usize, batch: usize) -> Result<RawRep
     })
 }
 
+/// The issue's reference shape on SQLite: the same three writes per batch (one run `UPDATE`,
+/// one history `INSERT`, one outbox `INSERT`, one transaction), through the same pipelined
+/// multi-row statements, into *narrow* tables with no secondary index — run (id, step, wake
+/// time, seq), history (run, seq, step, time), outbox (key, payload). Next to
+/// [`raw_ceiling`] it shows how much of the SQLite cost is the width of the engine's rows
+/// (bound parameters and bytes) rather than the engine. The tables are created in the
+/// store's file and dropped afterwards.
+pub async fn narrow_ceiling(
+    store: &sqlite::SqliteStore,
+    n: usize,
+    batch: usize,
+) -> Result<RawReport> {
+    let batch = batch.max(1);
+    let pool = store.write_pool();
+    sqlx::raw_sql(NARROW_DROP).execute(pool).await?;
+    sqlx::raw_sql(
+        "CREATE TABLE raw_narrow_runs (id TEXT PRIMARY KEY, step TEXT, wake_at INTEGER, seq INTEGER);
+         CREATE TABLE raw_narrow_history (run_id TEXT, seq INTEGER, step TEXT, at INTEGER,
+             PRIMARY KEY (run_id, seq));
+         CREATE TABLE raw_narrow_outbox (key TEXT PRIMARY KEY, payload TEXT);",
+    )
+    .execute(pool)
+    .await?;
+    let ids: Vec<String> = (0..n)
+        .map(|i| format!("{RAW_FLOW}/__raw__{i:08}/1"))
+        .collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    for chunk in ids.chunks(batch) {
+        let mut tx = store.begin().await?;
+        let mut pipe = sqlite::Pipeline::new(&mut tx);
+        NARROW_INSERT_RUNS
+            .write(&mut pipe, chunk, |a, id| {
+                put(a, id)?;
+                put(a, "wait-1d")?;
+                put(a, 1_i64)?;
+                put(a, 1_i64)
+            })
+            .await?;
+        pipe.finish().await?;
+        tx.commit().await?;
+    }
+    let at = 1_767_312_000_000_i64;
+    let payload = r#"{"text":"Thank you for your order!"}"#;
+    let keys: Vec<String> = ids.iter().map(|id| format!("{id}/thanks")).collect();
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let mut work = Vec::new();
+    for (r, k) in ids.chunks(batch).zip(keys.chunks(batch)) {
+        let mut statements = NARROW_UPDATE_RUNS.encode(r, |a, id| {
+            put(a, id)?;
+            put(a, "wait-3d")?;
+            put(a, at + 86_400_000)?;
+            put(a, 2_i64)
+        })?;
+        statements.extend(NARROW_INSERT_HISTORY.encode(r, |a, id| {
+            put(a, id)?;
+            put(a, 1_i64)?;
+            put(a, "thanks")?;
+            put(a, at)
+        })?);
+        statements.extend(NARROW_INSERT_OUTBOX.encode(k, |a, key| {
+            put(a, key)?;
+            put(a, payload)
+        })?);
+        work.push(statements);
+    }
+    let start = Instant::now();
+    for statements in work {
+        let mut tx = store.begin().await?;
+        let mut pipe = sqlite::Pipeline::new(&mut tx);
+        for (sql, args) in statements {
+            pipe.submit(sql, args).await?;
+        }
+        pipe.finish().await?;
+        tx.commit().await?;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    sqlx::raw_sql(NARROW_DROP).execute(pool).await?;
+    Ok(RawReport {
+        transitions: n as u64,
+        seconds,
+    })
+}
+
+const NARROW_DROP: &str = "DROP TABLE IF EXISTS raw_narrow_runs; \
+     DROP TABLE IF EXISTS raw_narrow_history; DROP TABLE IF EXISTS raw_narrow_outbox;";
+
+static NARROW_INSERT_RUNS: sqlite::Shape =
+    sqlite::Shape::new("INSERT INTO raw_narrow_runs VALUES ", 4, "");
+static NARROW_UPDATE_RUNS: sqlite::Shape = sqlite::Shape::new(
+    "WITH v (id, step, wake_at, seq) AS (VALUES ",
+    4,
+    ") UPDATE raw_narrow_runs SET step = v.step, wake_at = v.wake_at, seq = v.seq \
+     FROM v WHERE raw_narrow_runs.id = v.id",
+);
+static NARROW_INSERT_HISTORY: sqlite::Shape =
+    sqlite::Shape::new("INSERT INTO raw_narrow_history VALUES ", 4, "");
+static NARROW_INSERT_OUTBOX: sqlite::Shape =
+    sqlite::Shape::new("INSERT INTO raw_narrow_outbox VALUES ", 2, "");
+
+/// Bind one value of a narrow row.
+fn put<'a, T>(a: &mut sqlite::Args<'a>, value: T) -> Result<()>
+where
+    T: sqlx::Encode<'a, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite> + 'a,
+{
+    sqlx::Arguments::add(a, value).map_err(|e| super::StoreError::Database(sqlx::Error::Encode(e)))
+}
+
 async fn cleanup(db: &Database) -> Result<()> {
     for table in ["outbox", "history", "runs"] {
         match db {
