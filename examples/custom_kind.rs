@@ -117,6 +117,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             set.insert("phone".into(), serde_json::json!("+8613800000000"));
             set.insert("lifetime_spend".into(), serde_json::json!(spend));
             items.push(InboxItem::Profile(ProfileUpdate {
+                id: None,
                 customer_id: id.into(),
                 set,
                 timezone: None,

@@ -49,7 +49,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         runtime
             .store
             .enqueue(&[
-                InboxItem::Profile(ProfileUpdate { customer_id: "mei".into(), set, timezone: Some("Asia/Shanghai".into()), at: clock.now() }),
+                InboxItem::Profile(ProfileUpdate {
+ id: None, customer_id: "mei".into(), set, timezone: Some("Asia/Shanghai".into()), at: clock.now() }),
                 InboxItem::Event(Event {
                     id: "order-1001".into(),
                     customer_id: "mei".into(),

@@ -181,6 +181,7 @@ async fn bench(
                     json!(if i % 3 == 0 { "gold" } else { "silver" }),
                 );
                 InboxItem::Profile(ProfileUpdate {
+                    id: None,
                     customer_id: format!("c{i:08}"),
                     set,
                     timezone: Some("UTC".into()),

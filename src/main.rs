@@ -5,6 +5,7 @@ mod bench;
 mod bench_engine;
 mod output;
 mod play;
+mod serve;
 mod status;
 
 use std::io::{IsTerminal, Write};
@@ -103,6 +104,9 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Human)]
         format: Format,
     },
+    /// Run the daemon: the HTTP API, the engine loop (inbox, timers, schedules) and the
+    /// dispatcher, until SIGTERM or SIGINT.
+    Serve(serve::ServeArgs),
     /// Print the JSON Schema of the flow language (committed as schema/flow.schema.json).
     Schema,
     /// Benchmarks.
@@ -215,6 +219,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             stdout.write_all(text.as_bytes())?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Serve(args) => serve::run(args, &registry),
         Command::Schema => {
             std::io::stdout()
                 .lock()

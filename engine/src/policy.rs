@@ -41,7 +41,7 @@ use crate::de::{self, DecodeError, DecodeErrorKind, Lenient, Spanned};
 use crate::diagnostic::{Code, Diagnostic, did_you_mean, quote_list};
 use crate::duration::{Duration, TimeOfDay};
 use crate::registry::Registry;
-use crate::yaml::{self, Limits, LoadError, Span, Value};
+use crate::yaml::{self, Limits, LoadError, Node, Span, Value};
 
 /// The name of the policy file, looked for at the root of a project.
 pub const FILE_NAME: &str = "canvas.yaml";
@@ -311,7 +311,30 @@ pub struct Policy {
     pub when_quiet: Handling,
     /// The opt-out events (default `unsubscribed` / `resubscribed`); `None` when turned off.
     pub unsubscribe: Option<Unsubscribe>,
+    /// Sections the engine does not read itself ([`SECTIONS`]: the daemon's `server:` and
+    /// `channels:`), kept as written so their owners decode them with file:line:col
+    /// diagnostics through [`Policy::section`].
+    pub sections: Sections,
 }
+
+/// Top-level keys of `canvas.yaml` that belong to the daemon, not to the engine's policies.
+pub const SECTIONS: [&str; 2] = ["server", "channels"];
+
+/// The daemon's sections of `canvas.yaml`, as written, and the file they came from.
+#[derive(Debug, Clone, Default)]
+pub struct Sections {
+    file: PathBuf,
+    nodes: Vec<(String, Node)>,
+}
+
+/// Sections carry no meaning for the engine's policies, so two policies compare by those.
+impl PartialEq for Sections {
+    fn eq(&self, other: &Self) -> bool {
+        self.nodes == other.nodes
+    }
+}
+
+impl Eq for Sections {}
 
 impl Default for Policy {
     /// UTC; at most 2 marketing messages per 1d and 5 per 7d; quiet 21:00-09:00; capped
@@ -338,6 +361,7 @@ impl Default for Policy {
             when_capped: Handling::Skip,
             when_quiet: Handling::Delay,
             unsubscribe: Some(Unsubscribe::default()),
+            sections: Sections::default(),
         }
     }
 }
@@ -414,13 +438,54 @@ impl Policy {
             );
             return Err(cx.into_error());
         }
-        let (raw, errors) = de::decode::<RawPolicy>(&doc.root);
+        let mut root = doc.root;
+        let mut sections = Sections {
+            file: file.to_path_buf(),
+            nodes: Vec::new(),
+        };
+        if let Value::Map(entries) = &mut root.value {
+            entries.retain(|(key, value)| match &key.value {
+                Value::Scalar { text, .. } if SECTIONS.contains(&text.as_str()) => {
+                    sections.nodes.push((text.clone(), value.clone()));
+                    false
+                }
+                _ => true,
+            });
+        }
+        let (raw, errors) = de::decode::<RawPolicy>(&root);
         for e in &errors {
             cx.decode_error(e);
         }
-        let policy = raw.and_then(|raw| cx.policy(&raw));
+        let policy = raw.and_then(|raw| cx.policy(&raw)).map(|mut p| {
+            p.sections = sections;
+            p
+        });
         match policy {
             Some(p) if cx.diags.is_empty() => Ok(p),
+            _ => Err(cx.into_error()),
+        }
+    }
+
+    /// Decode one of the daemon's [`SECTIONS`] into its owner's type; `None` when the file
+    /// does not have it. Problems come back as diagnostics with file:line:col, like the
+    /// engine's own keys.
+    pub fn section<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, PolicyError> {
+        let Some((_, node)) = self.sections.nodes.iter().find(|(k, _)| k == key) else {
+            return Ok(None);
+        };
+        let mut cx = Check {
+            file: self.sections.file.clone(),
+            diags: Vec::new(),
+        };
+        let (value, errors) = de::decode::<T>(node);
+        for e in &errors {
+            cx.decode_error(e);
+        }
+        match value {
+            Some(v) if cx.diags.is_empty() => Ok(Some(v)),
             _ => Err(cx.into_error()),
         }
     }
@@ -834,6 +899,7 @@ impl Check {
                 Some(OffOr::Off) => None,
                 Some(OffOr::On(u)) => Some(u.clone()),
             },
+            sections: Sections::default(),
         })
     }
 

@@ -15,7 +15,7 @@ use crate::flow::{CompiledFlow, Trigger};
 use crate::policy::Policy;
 use crate::registry::Registry;
 use crate::state::{
-    Batch, CallResult, Customer, CustomerState, Enrolment, Event, FlowVersion, InboxItem,
+    Batch, CallResult, Customer, CustomerState, Enrolment, Event, FlowVersion, InboxItem, Lease,
     OutboxKind, OutboxRow, ProfileUpdate, Run, RunStatus, Time,
 };
 use crate::store::{Result, Store};
@@ -44,6 +44,37 @@ impl FlowSet {
         let flow = Arc::new(flow);
         self.versions.insert(flow.hash.0.clone(), flow.clone());
         self.current.insert(flow.id.clone(), flow);
+        self.index();
+    }
+
+    /// Make `flows` the whole current set (a reload of the flows folder): new and changed
+    /// flows become current, flows no longer there stop taking entries. Every version ever
+    /// loaded stays, so runs pinned to one carry on. Returns what changed.
+    pub fn publish(&mut self, flows: impl IntoIterator<Item = CompiledFlow>) -> Published {
+        let mut next: BTreeMap<String, Arc<CompiledFlow>> = BTreeMap::new();
+        let mut published = Published::default();
+        for flow in flows {
+            let flow = Arc::new(flow);
+            match self.current.get(&flow.id) {
+                None => published.added.push(flow.id.clone()),
+                Some(old) if old.hash != flow.hash => published.changed.push(flow.id.clone()),
+                Some(_) => {}
+            }
+            self.versions.insert(flow.hash.0.clone(), flow.clone());
+            next.insert(flow.id.clone(), flow);
+        }
+        published.retired = self
+            .current
+            .keys()
+            .filter(|id| !next.contains_key(*id))
+            .cloned()
+            .collect();
+        self.current = next;
+        self.index();
+        published
+    }
+
+    fn index(&mut self) {
         self.by_event.clear();
         for f in self.current.values() {
             if let Trigger::Event { name, .. } = &f.trigger {
@@ -69,6 +100,21 @@ impl FlowSet {
 
     fn started_by(&self, event: &str) -> &[Arc<CompiledFlow>] {
         self.by_event.get(event).map(Vec::as_slice).unwrap_or(&[])
+    }
+}
+
+/// What [`FlowSet::publish`] changed, by flow id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Published {
+    pub added: Vec<String>,
+    pub changed: Vec<String>,
+    /// No longer in the folder: no new entries; runs already in them carry on.
+    pub retired: Vec<String>,
+}
+
+impl Published {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.changed.is_empty() && self.retired.is_empty()
     }
 }
 
@@ -107,6 +153,18 @@ pub struct Runtime<S> {
     pub registry: Registry,
     /// Customers per transaction.
     pub batch_size: usize,
+    /// Flows an operator paused: nobody enters them and their timers hold (read past, left
+    /// due) until they are resumed; events and call results still reach their runs.
+    pub paused: HashSet<String>,
+    /// Scale-out mode (several processes on one database): this process's name. Each round
+    /// then leases its customers first (`Store::claim_customers`), works only on those it
+    /// got, and commits fenced by the lease; customers another process holds wait for a
+    /// later round, so one customer's inputs still apply in order. `None`: this process is
+    /// the only one.
+    pub owner: Option<String>,
+    /// How long a round's customer leases last; a process that dies holding them blocks
+    /// those customers this long.
+    pub lease: chrono::Duration,
 }
 
 impl<S: Store> Runtime<S> {
@@ -117,6 +175,9 @@ impl<S: Store> Runtime<S> {
             policy,
             registry,
             batch_size: 1000,
+            paused: HashSet::new(),
+            owner: None,
+            lease: chrono::Duration::seconds(30),
         }
     }
 
@@ -153,15 +214,29 @@ impl<S: Store> Runtime<S> {
         let mut stats = Stats::default();
         let mut after = None;
         let mut committing: Option<Committing> = None;
+        let mut skipped: HashSet<String> = HashSet::new();
         loop {
             let pending = self.store.inbox_pending(after, self.batch_size).await?;
             let Some(&(last, _)) = pending.last() else {
                 break;
             };
             after = Some(last);
-            let ids = unique(pending.iter().map(|(_, i)| i.customer_id()));
+            let mut ids = unique(pending.iter().map(|(_, i)| i.customer_id()));
             if committing.as_ref().is_some_and(|c| c.touches(&ids)) {
                 stats.add(finish(committing.take(), &mut progress).await?);
+            }
+            let mut pending = pending;
+            if self.owner.is_some() {
+                // A customer skipped once in this pass stays skipped: their later items
+                // must not overtake the ones another process is applying.
+                ids.retain(|id| !skipped.contains(id));
+                let held: HashSet<String> = self.claim(&ids, now).await?.into_iter().collect();
+                skipped.extend(ids.iter().filter(|id| !held.contains(*id)).cloned());
+                ids.retain(|id| held.contains(id));
+                pending.retain(|(_, i)| held.contains(i.customer_id()));
+                if ids.is_empty() {
+                    continue;
+                }
             }
             let mut work = self.load(&ids, now).await?;
             for (seq, item) in &pending {
@@ -222,6 +297,19 @@ impl<S: Store> Runtime<S> {
                 stats.add(finish(committing.take(), &mut progress).await?);
                 continue;
             }
+            let ids = if self.owner.is_some() {
+                // Customers another process holds are read past, like stuck ones; their
+                // timers stay due for whoever holds them or for a later pass.
+                let held: HashSet<String> = self.claim(&ids, now).await?.into_iter().collect();
+                stuck.extend(ids.iter().filter(|id| !held.contains(*id)).cloned());
+                let ids: Vec<String> = ids.into_iter().filter(|id| held.contains(id)).collect();
+                if ids.is_empty() {
+                    continue;
+                }
+                ids
+            } else {
+                ids
+            };
             let mut work = self.load(&ids, now).await?;
             for id in &ids {
                 let mut cs = work.entry(id, now);
@@ -265,6 +353,51 @@ impl<S: Store> Runtime<S> {
         self.scan(&due, now).await
     }
 
+    /// The schedule and segment-recheck moments that came round in `(after(flow), now]`: per flow,
+    /// the latest one only, so a daemon that was down fires a missed schedule once rather
+    /// than once per missed tick. The caller claims each `(flow, moment)` (see
+    /// `Store::claim_fire`) so that several daemons fire it once, then calls
+    /// [`Runtime::enter_audience`].
+    pub fn due_ticks(
+        &self,
+        after: impl Fn(&str) -> Time,
+        now: Time,
+    ) -> Vec<(Arc<CompiledFlow>, Time)> {
+        let mut due = Vec::new();
+        for flow in self.flows.current() {
+            let mut latest = None;
+            let mut t = after(&flow.id);
+            // Bounded: a cron can fire every minute, and a gap of days is possible.
+            for _ in 0..100_000 {
+                let next = match &flow.trigger {
+                    Trigger::Schedule { cron, .. } => next_cron(flow, &cron.cron, t),
+                    Trigger::Segment { recheck, .. } => Some(next_recheck(recheck.as_secs(), t)),
+                    Trigger::Event { .. } => None,
+                };
+                match next {
+                    Some(n) if n <= now && n > t => {
+                        latest = Some(n);
+                        t = n;
+                    }
+                    _ => break,
+                }
+            }
+            if let Some(at) = latest {
+                due.push((flow.clone(), at));
+            }
+        }
+        due
+    }
+
+    /// Enter the audience of schedule flows, or recheck the segment of segment flows, over
+    /// every customer in batches.
+    pub async fn enter_audience(&self, flows: &[Arc<CompiledFlow>], now: Time) -> Result<Stats> {
+        if flows.is_empty() {
+            return Ok(Stats::default());
+        }
+        self.scan(flows, now).await
+    }
+
     /// The next moment something is due after `after`: a timer, a schedule, a segment recheck.
     pub async fn next_due(&self, after: Time) -> Result<Option<Time>> {
         let mut next = self.store.next_wake(after).await?;
@@ -294,6 +427,7 @@ impl<S: Store> Runtime<S> {
             let Some(last) = ids.last().cloned() else {
                 return Ok(stats);
             };
+            let ids = self.claim_all(&ids, now).await?;
             let mut work = self.load(&ids, now).await?;
             for id in &ids {
                 let mut cs = work.entry(id, now);
@@ -315,9 +449,52 @@ impl<S: Store> Runtime<S> {
                     }
                 }
             }
-            stats.add(self.commit(work, now).await?);
+            stats.add(self.commit(work, &ids, now).await?);
             after = Some(last);
         }
+    }
+
+    /// Scale-out mode: lease `ids` for a round; the ones this process now holds.
+    async fn claim(&self, ids: &[String], now: Time) -> Result<Vec<String>> {
+        match &self.owner {
+            None => Ok(ids.to_vec()),
+            Some(owner) => {
+                self.store
+                    .claim_customers(ids, owner, now, now + self.lease)
+                    .await
+            }
+        }
+    }
+
+    /// [`Runtime::claim`] for a schedule or segment scan, which must reach every customer:
+    /// customers another process holds are asked for again until it lets go (a round
+    /// takes well under a second); after ten seconds they are left out, with a warning.
+    async fn claim_all(&self, ids: &[String], now: Time) -> Result<Vec<String>> {
+        if self.owner.is_none() {
+            return Ok(ids.to_vec());
+        }
+        let mut held: Vec<String> = Vec::with_capacity(ids.len());
+        let mut want: Vec<String> = ids.to_vec();
+        for _ in 0..200 {
+            let got: HashSet<String> = self.claim(&want, now).await?.into_iter().collect();
+            want.retain(|id| {
+                if got.contains(id) {
+                    held.push(id.clone());
+                    false
+                } else {
+                    true
+                }
+            });
+            if want.is_empty() {
+                return Ok(held);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        tracing::warn!(
+            customers = want.len(),
+            "a scan left out customers another process kept leased"
+        );
+        Ok(held)
     }
 
     async fn load(&self, ids: &[String], now: Time) -> Result<Work> {
@@ -331,23 +508,45 @@ impl<S: Store> Runtime<S> {
     }
 
     /// Write a round in one transaction.
-    async fn commit(&self, work: Work, now: Time) -> Result<Stats> {
-        let (batch, stats) = seal(work, now);
+    async fn commit(&self, work: Work, customers: &[String], now: Time) -> Result<Stats> {
+        let (mut batch, stats) = seal(work, now);
+        if let Some(owner) = &self.owner {
+            batch.lease = Some(Lease {
+                owner: owner.clone(),
+                customers: customers.to_vec(),
+                now,
+            });
+        }
         if !batch.is_empty() {
             self.store.commit(&batch).await?;
+        }
+        if let Some(owner) = &self.owner {
+            self.store.release_customers(customers, owner).await?;
         }
         Ok(stats)
     }
 
     /// Start committing a round in the background; the next round is prepared meanwhile.
     fn spawn_commit(&self, work: Work, customers: Vec<String>, now: Time) -> Committing {
-        let (batch, stats) = seal(work, now);
+        let (mut batch, stats) = seal(work, now);
         let store = self.store.clone();
+        let owner = self.owner.clone();
+        if let Some(owner) = &owner {
+            batch.lease = Some(Lease {
+                owner: owner.clone(),
+                customers: customers.clone(),
+                now,
+            });
+        }
+        let release = customers.clone();
         let handle = tokio::spawn(async move {
-            if batch.is_empty() {
-                return Ok(());
+            if !batch.is_empty() {
+                store.commit(&batch).await?;
             }
-            store.commit(&batch).await
+            if let Some(owner) = owner {
+                store.release_customers(&release, &owner).await?;
+            }
+            Ok(())
         });
         Committing {
             handle,
@@ -474,7 +673,7 @@ impl<S: Store> Runtime<S> {
     fn on_timers(&self, cs: &mut Slot<'_>, now: Time) {
         let loaded = &mut *cs.loaded;
         for (run, dirty) in &mut loaded.runs {
-            if run.wake_at.is_none_or(|w| w > now) {
+            if run.wake_at.is_none_or(|w| w > now) || self.paused.contains(&run.flow) {
                 continue;
             }
             let Some(flow) = self.flows.version(&run.version) else {
@@ -522,7 +721,7 @@ impl<S: Store> Runtime<S> {
 
     fn start(&self, cs: &mut Slot<'_>, flow: &Arc<CompiledFlow>, event: Option<&Event>, now: Time) {
         let loaded = &mut *cs.loaded;
-        if loaded.customer.unsubscribed_at.is_some() {
+        if loaded.customer.unsubscribed_at.is_some() || self.paused.contains(&flow.id) {
             return;
         }
         let customer_id = loaded.customer.id.clone();

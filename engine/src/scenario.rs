@@ -278,6 +278,7 @@ pub fn parse(path: &Path, text: &str, flow: Option<&str>) -> Result<Scenario, Sc
             timeline.push((
                 s,
                 InboxItem::Profile(ProfileUpdate {
+                    id: None,
                     customer_id: c.id.value.clone(),
                     set: c.attributes.clone(),
                     timezone: c.timezone.as_ref().map(|t| t.value.clone()),
@@ -338,6 +339,7 @@ pub fn parse(path: &Path, text: &str, flow: Option<&str>) -> Result<Scenario, Sc
         timeline.push((
             at.to_utc(),
             InboxItem::Profile(ProfileUpdate {
+                id: None,
                 customer_id: p.customer.value.clone(),
                 set: p.set.clone(),
                 timezone: p.timezone.clone(),

@@ -82,6 +82,10 @@ impl Event {
 /// removes one), `timezone` replaces the customer's zone.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProfileUpdate {
+    /// The sender's id for this update (a Segment `messageId`): an update whose id is
+    /// already in the inbox is dropped, like a repeated event. `None`: never deduplicated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     pub customer_id: String,
     #[serde(default)]
     pub set: Map<String, Json>,
@@ -319,9 +323,30 @@ pub struct Batch {
     pub conversions: Vec<Conversion>,
     /// Inbox items now applied (by sequence number from `Store::inbox_pending`).
     pub inbox_done: Vec<i64>,
+    /// The customer leases the round ran under, when several daemons share the database:
+    /// `Store::commit` then writes the batch only if the lease still holds. `None` (a single
+    /// daemon, tests, `canvas test`): written unchecked.
+    pub lease: Option<Lease>,
+}
+
+/// The leases an engine round holds on its customers (`Store::claim_customers`). A batch
+/// carrying one commits only if, inside the commit's transaction, `owner` still holds an
+/// unexpired lease (`until > now`) on every one of `customers`; otherwise nothing is written
+/// (`StoreError::LeaseLost`): a daemon that stalled past its lease never writes over the
+/// work of the daemon that took its customers over, it redoes the round instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// Who claimed the customers (the daemon's `owner` id given to `claim_customers`).
+    pub owner: String,
+    /// The customers the round loaded; each must still be leased to `owner`.
+    pub customers: Vec<String>,
+    /// The committer's clock: a lease whose `until <= now` has run out.
+    pub now: Time,
 }
 
 impl Batch {
+    /// Nothing to write. A lease alone is not work: an empty batch commits as a no-op,
+    /// checked or not.
     pub fn is_empty(&self) -> bool {
         self.customers.is_empty()
             && self.runs.is_empty()
@@ -343,4 +368,128 @@ pub struct CustomerState {
     /// Ended runs whose goal window is still open (control arms and runs that ended early
     /// still convert).
     pub converting: Vec<Run>,
+}
+
+// ---- the daemon: deliveries, flow counts ------------------------------------------------------
+
+/// An outbox row claimed by a dispatcher (`Store::claim_outbox`): no other dispatcher takes
+/// it until `lease_until`. A dispatcher that dies lets the lease run out and the row is
+/// claimed again, so delivery is at least once and `row.key` is the idempotency key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Delivery {
+    pub row: OutboxRow,
+    /// Attempts made before this one.
+    pub attempts: u32,
+    pub lease_until: Time,
+}
+
+/// How an attempt at a claimed delivery ended (`Store::settle_outbox`). Each one releases the
+/// lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum DeliveryOutcome {
+    /// Delivered at `at`; counts one more attempt.
+    Sent { key: String, at: Time },
+    /// Failed; try again at `next_attempt_at`. `attempts` is the new total, counting this one.
+    Retry {
+        key: String,
+        attempts: u32,
+        next_attempt_at: Time,
+        error: String,
+    },
+    /// Failed for good at `at` (a permanent error, or out of attempts); never tried again.
+    /// `at` is kept in the row's `dead_at` column.
+    Dead {
+        key: String,
+        attempts: u32,
+        at: Time,
+        error: String,
+    },
+}
+
+impl DeliveryOutcome {
+    /// The outbox key the outcome settles.
+    pub fn key(&self) -> &str {
+        match self {
+            DeliveryOutcome::Sent { key, .. }
+            | DeliveryOutcome::Retry { key, .. }
+            | DeliveryOutcome::Dead { key, .. } => key,
+        }
+    }
+}
+
+/// Where an outbox row is in delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryStatus {
+    /// Not delivered yet: due at `next_attempt_at` (possibly claimed right now).
+    Pending,
+    Sent,
+    /// Given up on; kept for the journey view and for operators.
+    Dead,
+}
+
+impl DeliveryStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Pending => "pending",
+            DeliveryStatus::Sent => "sent",
+            DeliveryStatus::Dead => "dead",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<DeliveryStatus> {
+        match s {
+            "pending" => Some(DeliveryStatus::Pending),
+            "sent" => Some(DeliveryStatus::Sent),
+            "dead" => Some(DeliveryStatus::Dead),
+            _ => None,
+        }
+    }
+}
+
+/// An outbox row with its delivery state, for a customer's journey view
+/// (`Store::deliveries`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeliveryState {
+    pub row: OutboxRow,
+    pub status: DeliveryStatus,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// When the row is (or was last) due: its creation, then each retry's time.
+    pub next_attempt_at: Option<Time>,
+    /// The error of the latest failed attempt; kept when a later attempt succeeds.
+    pub last_error: Option<String>,
+    pub sent_at: Option<Time>,
+}
+
+/// The dispatcher's backlog (`Store::outbox_depth`), for metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxDepth {
+    /// Rows not delivered yet, due or not.
+    pub pending: u64,
+    /// Pending rows whose `next_attempt_at` has come (including rows being delivered now).
+    pub due: u64,
+    pub sent: u64,
+    pub dead: u64,
+    /// The earliest `next_attempt_at` among due rows: `now` minus it is the dispatcher's lag.
+    pub oldest_due: Option<Time>,
+}
+
+/// How many runs of a flow entered and how they stand (`Store::flow_counts`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowCounts {
+    pub flow: String,
+    /// Every run, whatever its state.
+    pub entered: u64,
+    /// Runs waiting at a step.
+    pub waiting: u64,
+    /// Ended runs whose outcome is neither `exited` nor `error`.
+    pub completed: u64,
+    /// Ended with outcome `exited` (an exit condition or an opt-out).
+    pub exited: u64,
+    /// Ended with outcome `error`.
+    pub errored: u64,
+    /// Runs with a conversion.
+    pub converted: u64,
 }

@@ -186,6 +186,7 @@ fn phone(c: &str) -> InboxItem {
     let mut set = serde_json::Map::new();
     set.insert("phone".into(), serde_json::json!("+1"));
     InboxItem::Profile(ProfileUpdate {
+        id: None,
         customer_id: c.into(),
         set,
         timezone: None,

@@ -1,6 +1,7 @@
 //! What both backends share: the row shapes they read (one `FromRow` struct per table, the
 //! same column names on both), the conversions between those rows and the records of
-//! [`crate::state`], times as milliseconds, and batch de-duplication.
+//! [`crate::state`], times as milliseconds, batch de-duplication, and the order lease
+//! statements take customer ids in.
 
 use std::collections::HashSet;
 use std::hash::Hash;
@@ -11,8 +12,9 @@ use serde::de::DeserializeOwned;
 
 use super::{NodeCount, Result, StoreError};
 use crate::state::{
-    Arm, Conversion, Customer, Enrolment, Event, FlowVersion, HistoryEntry, InboxItem, OutboxKind,
-    OutboxRow, Run, RunStatus, Time,
+    Arm, Conversion, Customer, Delivery, DeliveryState, DeliveryStatus, Enrolment, Event,
+    FlowCounts, FlowVersion, HistoryEntry, InboxItem, Lease, OutboxDepth, OutboxKind, OutboxRow,
+    Run, RunStatus, Time,
 };
 
 /// Milliseconds since the Unix epoch: how every time is stored. Sub-millisecond precision is
@@ -126,13 +128,48 @@ impl<'a> Rows<'a> {
     }
 }
 
+/// Customer ids as the lease statements take them: each once, in byte order. It is the order
+/// every lease statement locks rows in (Rust's `str` order; SQLite's BINARY and the Postgres
+/// column's `COLLATE "C"` agree), so daemons locking overlapping sets queue behind each other
+/// instead of deadlocking; and an upsert must not touch a row twice.
+pub(crate) fn lease_ids(ids: &[String]) -> Vec<&str> {
+    let mut out: Vec<&str> = ids.iter().map(String::as_str).collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// The ids of `ids` a claim returned (`held`, in no particular order), in the order of
+/// `ids`, each once.
+pub(crate) fn in_given_order(ids: &[String], held: Vec<String>) -> Vec<String> {
+    let mut held: HashSet<String> = held.into_iter().collect();
+    ids.iter()
+        .filter(|id| held.remove(id.as_str()))
+        .cloned()
+        .collect()
+}
+
+/// `commit`'s lease check: `held` of the lease's `wanted` distinct customers are still
+/// leased to its owner.
+pub(crate) fn check_lease(lease: &Lease, wanted: usize, held: i64) -> Result<()> {
+    let held = usize::try_from(held).unwrap_or(0);
+    if held >= wanted {
+        return Ok(());
+    }
+    Err(StoreError::LeaseLost {
+        owner: lease.owner.clone(),
+        missing: wanted - held,
+    })
+}
+
 /// The inbox's dedupe key of an item: an event's id; `call:RUN_ID/STEP` for a call result
-/// (the outbox key of the call, so a result fed back twice is applied once); none for a
-/// profile update.
+/// (the outbox key of the call, so a result fed back twice is applied once);
+/// `profile:ID` for a profile update that carries an id, else none.
 pub(crate) fn dedupe_key(item: &InboxItem) -> Option<String> {
     match item {
         InboxItem::Event(e) => Some(e.id.clone()),
-        InboxItem::Profile(_) => None,
+        // Prefixed: profile-update ids and event ids come from different senders.
+        InboxItem::Profile(p) => p.id.as_ref().map(|id| format!("profile:{id}")),
         InboxItem::CallResult(c) => Some(format!("call:{}/{}", c.run_id, c.step)),
     }
 }
@@ -344,6 +381,174 @@ impl OutboxDbRow {
             transactional: self.transactional,
             created_at: time(T, self.created_at)?,
         })
+    }
+}
+
+/// A row `claim_outbox` leased, with what orders the claim: the statement's `RETURNING`
+/// comes back in no particular order, so both backends sort on (`next_attempt_at`, `ord`),
+/// `ord` being the insertion order (SQLite's rowid, Postgres's identity column).
+#[derive(sqlx::FromRow)]
+pub(crate) struct ClaimedRow {
+    #[sqlx(flatten)]
+    pub row: OutboxDbRow,
+    pub attempts: i64,
+    pub lease_until: i64,
+    pub next_attempt_at: i64,
+    pub ord: i64,
+}
+
+impl ClaimedRow {
+    /// Sort claimed rows into claim order and decode them.
+    pub fn into_deliveries(mut rows: Vec<ClaimedRow>) -> Result<Vec<Delivery>> {
+        rows.sort_unstable_by_key(|r| (r.next_attempt_at, r.ord));
+        rows.into_iter()
+            .map(|r| {
+                const T: &str = "outbox";
+                Ok(Delivery {
+                    attempts: u32_of(T, "attempts", r.attempts)?,
+                    lease_until: time(T, r.lease_until)?,
+                    row: r.row.into_row()?,
+                })
+            })
+            .collect()
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct DeliveryStateRow {
+    #[sqlx(flatten)]
+    pub row: OutboxDbRow,
+    pub status: String,
+    pub attempts: i64,
+    pub next_attempt_at: Option<i64>,
+    pub last_error: Option<String>,
+    pub sent_at: Option<i64>,
+}
+
+impl DeliveryStateRow {
+    pub fn into_state(self) -> Result<DeliveryState> {
+        const T: &str = "outbox";
+        let status = DeliveryStatus::parse(&self.status)
+            .ok_or_else(|| corrupt(T, format!("unknown status `{}`", self.status)))?;
+        Ok(DeliveryState {
+            status,
+            attempts: u32_of(T, "attempts", self.attempts)?,
+            next_attempt_at: opt_time(T, self.next_attempt_at)?,
+            last_error: self.last_error,
+            sent_at: opt_time(T, self.sent_at)?,
+            row: self.row.into_row()?,
+        })
+    }
+}
+
+/// A [`crate::state::DeliveryOutcome`] as the settle statements bind it: one row of
+/// `(key, status, attempts, next_attempt_at, last_error, sent_at, dead_at)`, `NULL` where
+/// the column keeps its value (`attempts` `NULL` = one more).
+pub(crate) struct Settle<'a> {
+    pub key: &'a str,
+    pub status: &'static str,
+    pub attempts: Option<i64>,
+    pub next_attempt_at: Option<i64>,
+    pub last_error: Option<&'a str>,
+    pub sent_at: Option<i64>,
+    pub dead_at: Option<i64>,
+}
+
+impl<'a> Settle<'a> {
+    /// The rows for `outcomes`: one per key, the last outcome of a key winning (an `UPDATE`
+    /// must not touch a row twice).
+    pub fn of(outcomes: &'a [crate::state::DeliveryOutcome]) -> Vec<Settle<'a>> {
+        use crate::state::DeliveryOutcome as O;
+        last_wins(outcomes, O::key)
+            .into_iter()
+            .map(|o| match o {
+                O::Sent { key, at } => Settle {
+                    key,
+                    status: DeliveryStatus::Sent.as_str(),
+                    attempts: None,
+                    next_attempt_at: None,
+                    last_error: None,
+                    sent_at: Some(ms(*at)),
+                    dead_at: None,
+                },
+                O::Retry {
+                    key,
+                    attempts,
+                    next_attempt_at,
+                    error,
+                } => Settle {
+                    key,
+                    status: DeliveryStatus::Pending.as_str(),
+                    attempts: Some(i64::from(*attempts)),
+                    next_attempt_at: Some(ms(*next_attempt_at)),
+                    last_error: Some(error),
+                    sent_at: None,
+                    dead_at: None,
+                },
+                O::Dead {
+                    key,
+                    attempts,
+                    at,
+                    error,
+                } => Settle {
+                    key,
+                    status: DeliveryStatus::Dead.as_str(),
+                    attempts: Some(i64::from(*attempts)),
+                    next_attempt_at: None,
+                    last_error: Some(error),
+                    sent_at: None,
+                    dead_at: Some(ms(*at)),
+                },
+            })
+            .collect()
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct OutboxDepthRow {
+    pub pending: i64,
+    pub due: i64,
+    pub sent: i64,
+    pub dead: i64,
+    pub oldest_due: Option<i64>,
+}
+
+impl OutboxDepthRow {
+    pub fn into_depth(self) -> Result<OutboxDepth> {
+        let n = |v: i64| u64::try_from(v).unwrap_or(0);
+        Ok(OutboxDepth {
+            pending: n(self.pending),
+            due: n(self.due),
+            sent: n(self.sent),
+            dead: n(self.dead),
+            oldest_due: opt_time("outbox", self.oldest_due)?,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct FlowCountsRow {
+    pub flow: String,
+    pub entered: i64,
+    pub waiting: i64,
+    pub completed: i64,
+    pub exited: i64,
+    pub errored: i64,
+    pub converted: i64,
+}
+
+impl FlowCountsRow {
+    pub fn into_counts(self) -> FlowCounts {
+        let n = |v: i64| u64::try_from(v).unwrap_or(0);
+        FlowCounts {
+            flow: self.flow,
+            entered: n(self.entered),
+            waiting: n(self.waiting),
+            completed: n(self.completed),
+            exited: n(self.exited),
+            errored: n(self.errored),
+            converted: n(self.converted),
+        }
     }
 }
 

@@ -5,7 +5,8 @@
 use std::future::Future;
 
 use crate::state::{
-    Batch, Conversion, CustomerState, FlowVersion, HistoryEntry, InboxItem, OutboxRow, Run, Time,
+    Batch, Conversion, CustomerState, Delivery, DeliveryOutcome, DeliveryState, FlowCounts,
+    FlowVersion, HistoryEntry, InboxItem, OutboxDepth, OutboxRow, Run, Time,
 };
 
 mod codec;
@@ -36,6 +37,14 @@ pub enum StoreError {
         table: &'static str,
         message: String,
     },
+    /// A batch's lease ([`crate::state::Lease`]) no longer holds: `missing` of its customers
+    /// are no longer leased to `owner`. Nothing was written; the caller drops the round's
+    /// results and redoes the round (after claiming again).
+    #[error(
+        "`{owner}` lost the lease on {missing} customer(s) of the batch (it expired or another \
+         daemon took them over): nothing was written, the round will be redone"
+    )]
+    LeaseLost { owner: String, missing: usize },
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -103,7 +112,11 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// runtime could not move must not hide the timers after it).
     fn next_wake(&self, after: Time) -> impl Future<Output = Result<Option<Time>>> + Send;
 
-    /// Write a batch in ONE transaction.
+    /// Write a batch in ONE transaction. With `batch.lease`, the transaction first checks,
+    /// before writing anything, that the lease's owner still holds an unexpired lease on every
+    /// listed customer, and writes nothing ([`StoreError::LeaseLost`]) if not; on Postgres
+    /// the lease rows stay share-locked until the commit ends, so a claim taking one over
+    /// waits for it. An empty batch writes nothing and checks nothing.
     fn commit(&self, batch: &Batch) -> impl Future<Output = Result<()>> + Send;
 
     /// Customer ids in id order after `after`, for schedule and segment scans.
@@ -144,6 +157,95 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// Per flow and arm: how many runs entered, and how many converted.
     fn goal_report(&self, flow: Option<&str>)
     -> impl Future<Output = Result<Vec<ArmCount>>> + Send;
+
+    // ---- the daemon ----
+
+    /// Lease up to `limit` outbox rows for delivery: pending, due (`next_attempt_at <= now`)
+    /// and not leased (no lease, or one that ran out: `lease_until < now`), earliest due
+    /// first, then in insertion order. They are marked leased to `owner` until
+    /// `lease_until` in the same statement, so two dispatchers — tasks or daemons — never
+    /// claim the same row while its lease runs. Returned in that order.
+    fn claim_outbox(
+        &self,
+        now: Time,
+        limit: usize,
+        owner: &str,
+        lease_until: Time,
+    ) -> impl Future<Output = Result<Vec<Delivery>>> + Send;
+
+    /// Record how deliveries went, all in one transaction, and release their leases. Only
+    /// pending rows change: an outcome that arrives after another dispatcher settled the row
+    /// (its lease had run out) is dropped rather than undo that. When `outcomes` names a key
+    /// twice the last one counts.
+    fn settle_outbox(
+        &self,
+        outcomes: &[DeliveryOutcome],
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Every outbox row of a customer with its delivery state, in insertion order.
+    fn deliveries(
+        &self,
+        customer_id: &str,
+    ) -> impl Future<Output = Result<Vec<DeliveryState>>> + Send;
+
+    /// The dispatcher's backlog at `now`. Counting sent rows reads the whole outbox: for a
+    /// metrics scrape, not a hot loop.
+    fn outbox_depth(&self, now: Time) -> impl Future<Output = Result<OutboxDepth>> + Send;
+
+    /// Pause or resume a flow (idempotent).
+    fn set_paused(
+        &self,
+        flow: &str,
+        paused: bool,
+        at: Time,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Flows paused now, by name.
+    fn paused_flows(&self) -> impl Future<Output = Result<Vec<String>>> + Send;
+
+    /// Claim the schedule tick `fire_at` of `flow`: true for exactly one caller across all
+    /// daemons sharing the database, false once it is claimed. `now` is recorded.
+    fn claim_fire(
+        &self,
+        flow: &str,
+        fire_at: Time,
+        now: Time,
+    ) -> impl Future<Output = Result<bool>> + Send;
+
+    /// The latest tick of `flow` claimed, if any: a daemon starting up resumes the schedule
+    /// after it.
+    fn last_fire(&self, flow: &str) -> impl Future<Output = Result<Option<Time>>> + Send;
+
+    /// Per flow, by name: runs entered and how they stand, and conversions. One flow's or
+    /// all; a flow without runs is left out.
+    fn flow_counts(
+        &self,
+        flow: Option<&str>,
+    ) -> impl Future<Output = Result<Vec<FlowCounts>>> + Send;
+
+    // ---- customer leases: one daemon works on a customer at a time ----
+
+    /// Lease customers to `owner` until `until`, for an engine round: each id is taken if
+    /// nobody holds it, if its lease ran out (`until <= now`), or if `owner` holds it already
+    /// (the lease is extended). Returns the ids `owner` now holds, in the order given (each
+    /// once); the rest are another daemon's for now and must be left out of the round.
+    /// Daemons claiming one id at the same moment: exactly one gets it. The round's commit
+    /// carries the lease ([`crate::state::Lease`]) to be fenced against a takeover.
+    fn claim_customers(
+        &self,
+        ids: &[String],
+        owner: &str,
+        now: Time,
+        until: Time,
+    ) -> impl Future<Output = Result<Vec<String>>> + Send;
+
+    /// Give back the leases `owner` holds on these ids, for other daemons to claim at once;
+    /// leases held by others stay.
+    fn release_customers(
+        &self,
+        ids: &[String],
+        owner: &str,
+    ) -> impl Future<Output = Result<()>> + Send;
 }
 
 /// Runs and conversions of one arm of one flow; the lift of a holdout is the treated
@@ -318,5 +420,61 @@ impl Store for Database {
 
     async fn goal_report(&self, flow: Option<&str>) -> Result<Vec<ArmCount>> {
         delegate!(self, s => s.goal_report(flow))
+    }
+
+    async fn claim_outbox(
+        &self,
+        now: Time,
+        limit: usize,
+        owner: &str,
+        lease_until: Time,
+    ) -> Result<Vec<Delivery>> {
+        delegate!(self, s => s.claim_outbox(now, limit, owner, lease_until))
+    }
+
+    async fn settle_outbox(&self, outcomes: &[DeliveryOutcome]) -> Result<()> {
+        delegate!(self, s => s.settle_outbox(outcomes))
+    }
+
+    async fn deliveries(&self, customer_id: &str) -> Result<Vec<DeliveryState>> {
+        delegate!(self, s => s.deliveries(customer_id))
+    }
+
+    async fn outbox_depth(&self, now: Time) -> Result<OutboxDepth> {
+        delegate!(self, s => s.outbox_depth(now))
+    }
+
+    async fn set_paused(&self, flow: &str, paused: bool, at: Time) -> Result<()> {
+        delegate!(self, s => s.set_paused(flow, paused, at))
+    }
+
+    async fn paused_flows(&self) -> Result<Vec<String>> {
+        delegate!(self, s => s.paused_flows())
+    }
+
+    async fn claim_fire(&self, flow: &str, fire_at: Time, now: Time) -> Result<bool> {
+        delegate!(self, s => s.claim_fire(flow, fire_at, now))
+    }
+
+    async fn last_fire(&self, flow: &str) -> Result<Option<Time>> {
+        delegate!(self, s => s.last_fire(flow))
+    }
+
+    async fn flow_counts(&self, flow: Option<&str>) -> Result<Vec<FlowCounts>> {
+        delegate!(self, s => s.flow_counts(flow))
+    }
+
+    async fn claim_customers(
+        &self,
+        ids: &[String],
+        owner: &str,
+        now: Time,
+        until: Time,
+    ) -> Result<Vec<String>> {
+        delegate!(self, s => s.claim_customers(ids, owner, now, until))
+    }
+
+    async fn release_customers(&self, ids: &[String], owner: &str) -> Result<()> {
+        delegate!(self, s => s.release_customers(ids, owner))
     }
 }

@@ -3,7 +3,8 @@
 //! Writes are set-based: a batch travels as one array per column, and a whole commit is ONE
 //! statement — a data-modifying CTE per table, each `INSERT … SELECT … FROM UNNEST($1::text[],
 //! $2::int8[], …) ON CONFLICT …` — so it is one round trip, atomic by itself (no BEGIN/COMMIT
-//! round trips), and prepared once whatever the batch size.
+//! round trips), and prepared once whatever the batch size. A batch fenced by customer leases
+//! adds a transaction around that statement: the lease check, then the statement.
 //!
 //! Tables live in the connection's `search_path`: [`PgStore::connect_with_schema`] puts a
 //! deployment (or a test) in its own schema.
@@ -16,13 +17,14 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool, Postgres};
 
 use super::codec::{
-    self, ConversionRow, CountsRow, CustomerRow, EnrolmentRow, FlowVersionRow, HistoryRow,
-    InboxRow, NodeCountRow, OutboxDbRow, RunRow, arm_str, ms, opt_ms, to_json,
+    self, ClaimedRow, ConversionRow, CountsRow, CustomerRow, DeliveryStateRow, EnrolmentRow,
+    FlowCountsRow, FlowVersionRow, HistoryRow, InboxRow, NodeCountRow, OutboxDbRow, OutboxDepthRow,
+    RunRow, Settle, arm_str, ms, opt_ms, to_json,
 };
 use super::{Counts, NodeCount, Result, Store, StoreError};
 use crate::state::{
-    Batch, Conversion, Customer, CustomerState, Enrolment, FlowVersion, HistoryEntry, InboxItem,
-    OutboxRow, Run, Time,
+    Batch, Conversion, Customer, CustomerState, Delivery, DeliveryOutcome, DeliveryState,
+    Enrolment, FlowCounts, FlowVersion, HistoryEntry, InboxItem, OutboxDepth, OutboxRow, Run, Time,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -263,6 +265,79 @@ fn commit_sql() -> &'static str {
         )
     })
 }
+
+// ---- customer leases ----------------------------------------------------------------------
+
+/// `claim_customers` in ONE statement: `$1` the ids (distinct, in byte order — the order
+/// `ORDER BY n` inserts them and so locks their rows in; every lease statement locks in that
+/// order, so claimers of overlapping sets never deadlock), `$2` the owner, `$3` now, `$4`
+/// the new `until`. A lease is taken when the row is new, ran out, or is the owner's own
+/// (extended). Claimers of one id at the same moment: the second waits on the first's row,
+/// then judges the `WHERE` against what the first wrote, so exactly one wins; `RETURNING`
+/// names the ids taken, in no order.
+const CLAIM_CUSTOMERS: &str = "\
+INSERT INTO customer_leases (customer_id, owner, until)
+SELECT id, $2, $4 FROM unnest($1::text[]) WITH ORDINALITY AS t(id, n)
+ORDER BY n
+ON CONFLICT (customer_id) DO UPDATE SET owner = excluded.owner, until = excluded.until
+WHERE customer_leases.until <= $3 OR customer_leases.owner = excluded.owner
+RETURNING customer_id";
+
+/// `commit`'s lease check, first in the commit's transaction: how many of the customers
+/// `$1` the owner `$2` holds at `$3`. `FOR SHARE` keeps those rows share-locked until the
+/// commit ends, so a claim that would take one over (it locks the row to update it) waits
+/// for the commit, and a claim already under way is waited for and its result checked.
+/// Locked in id order, like every lease statement.
+const LEASES_HELD: &str = "\
+SELECT count(*) FROM (SELECT 1 FROM customer_leases
+                      WHERE customer_id = ANY($1::text[]) AND owner = $2 AND until > $3
+                      ORDER BY customer_id FOR SHARE) AS held";
+
+/// `release_customers`: the owner's rows among `$1`, locked in id order like every lease
+/// statement (a plain `DELETE … = ANY` locks in whatever order its plan visits rows), then
+/// deleted.
+const RELEASE_CUSTOMERS: &str = "\
+DELETE FROM customer_leases
+WHERE customer_id IN (SELECT customer_id FROM customer_leases
+                      WHERE customer_id = ANY($1::text[]) AND owner = $2
+                      ORDER BY customer_id FOR UPDATE)";
+
+// ---- the dispatcher -----------------------------------------------------------------------
+
+/// The columns of `outbox` that make an [`OutboxRow`] ([`OutboxDbRow`]).
+const OUTBOX_SELECT: &str = "key, kind, run_id, flow, customer_id, step, channel, address, \
+     template, payload::text AS payload, transactional, created_at";
+
+/// `claim_outbox`: pick the due rows from the `outbox_pending` index and lease them in one
+/// statement. `FOR UPDATE SKIP LOCKED` makes concurrent claims (other tasks, other daemons)
+/// pass over the rows one of them is leasing instead of waiting for it; a row leased by a
+/// claim that committed meanwhile is re-checked against the new lease when locked, and left
+/// out. `RETURNING` has no order: the rows carry theirs (`next_attempt_at`, `ord`).
+const CLAIM_OUTBOX: &str = "\
+UPDATE outbox SET lease_until = $3, claimed_by = $4
+WHERE key IN (SELECT key FROM outbox
+              WHERE status = 'pending' AND next_attempt_at <= $1
+                AND (lease_until IS NULL OR lease_until < $1)
+              ORDER BY next_attempt_at, ord LIMIT $2
+              FOR UPDATE SKIP LOCKED)
+RETURNING key, kind, run_id, flow, customer_id, step, channel, address, template,
+          payload::text AS payload, transactional, created_at, attempts::int8 AS attempts,
+          lease_until, next_attempt_at, ord";
+
+/// `settle_outbox` in one statement: the outcomes as column arrays, joined on the key. A
+/// `NULL` keeps the row's value (`attempts`: one more, for a send). Only pending rows
+/// change, so a late outcome never undoes another dispatcher's.
+const SETTLE_OUTBOX: &str = "\
+UPDATE outbox o SET status = v.status,
+    attempts = coalesce(v.attempts, o.attempts + 1),
+    next_attempt_at = coalesce(v.next_attempt_at, o.next_attempt_at),
+    last_error = coalesce(v.last_error, o.last_error),
+    sent_at = coalesce(v.sent_at, o.sent_at),
+    dead_at = coalesce(v.dead_at, o.dead_at),
+    lease_until = NULL, claimed_by = NULL
+FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[], $6::int8[], $7::int8[])
+    AS v(key, status, attempts, next_attempt_at, last_error, sent_at, dead_at)
+WHERE o.key = v.key AND o.status = 'pending'";
 
 // ---- column vectors, borrowed from the batch ----------------------------------------------
 
@@ -658,7 +733,22 @@ impl Store for PgStore {
         let q = bind_conversions(q, &rows.conversions);
         let q = bind_runs(q, &rows.runs)?;
         let q = q.bind(batch.inbox_done.as_slice()).bind(ms(batch.at));
-        q.execute(&self.pool).await?;
+        let Some(lease) = &batch.lease else {
+            q.execute(&self.pool).await?;
+            return Ok(());
+        };
+        let ids = codec::lease_ids(&lease.customers);
+        let mut tx = self.pool.begin().await?;
+        let held: i64 = sqlx::query_scalar(LEASES_HELD)
+            .bind(&ids)
+            .bind(lease.owner.as_str())
+            .bind(ms(lease.now))
+            .fetch_one(&mut *tx)
+            .await?;
+        // On a lost lease the transaction is dropped: rolled back, nothing written.
+        codec::check_lease(lease, ids.len(), held)?;
+        q.execute(&mut *tx).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -789,6 +879,183 @@ impl Store for PgStore {
         .fetch_one(&self.pool)
         .await?;
         Ok(row.into_counts())
+    }
+
+    async fn claim_outbox(
+        &self,
+        now: Time,
+        limit: usize,
+        owner: &str,
+        lease_until: Time,
+    ) -> Result<Vec<Delivery>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<ClaimedRow> = sqlx::query_as(CLAIM_OUTBOX)
+            .bind(ms(now))
+            .bind(limit_i64(limit))
+            .bind(ms(lease_until))
+            .bind(owner)
+            .fetch_all(&self.pool)
+            .await?;
+        ClaimedRow::into_deliveries(rows)
+    }
+
+    async fn settle_outbox(&self, outcomes: &[DeliveryOutcome]) -> Result<()> {
+        if outcomes.is_empty() {
+            return Ok(());
+        }
+        let settle = Settle::of(outcomes);
+        let key: Vec<&str> = settle.iter().map(|s| s.key).collect();
+        let status: Vec<&str> = settle.iter().map(|s| s.status).collect();
+        let attempts: Vec<Option<i64>> = settle.iter().map(|s| s.attempts).collect();
+        let next: Vec<Option<i64>> = settle.iter().map(|s| s.next_attempt_at).collect();
+        let error: Vec<Option<&str>> = settle.iter().map(|s| s.last_error).collect();
+        let sent: Vec<Option<i64>> = settle.iter().map(|s| s.sent_at).collect();
+        let dead: Vec<Option<i64>> = settle.iter().map(|s| s.dead_at).collect();
+        sqlx::query(SETTLE_OUTBOX)
+            .bind(key)
+            .bind(status)
+            .bind(attempts)
+            .bind(next)
+            .bind(error)
+            .bind(sent)
+            .bind(dead)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn deliveries(&self, customer_id: &str) -> Result<Vec<DeliveryState>> {
+        let rows: Vec<DeliveryStateRow> = sqlx::query_as(&format!(
+            "SELECT {OUTBOX_SELECT}, status, attempts::int8 AS attempts, next_attempt_at,
+                    last_error, sent_at
+             FROM outbox WHERE customer_id = $1 ORDER BY ord"
+        ))
+        .bind(customer_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(DeliveryStateRow::into_state).collect()
+    }
+
+    async fn outbox_depth(&self, now: Time) -> Result<OutboxDepth> {
+        // One pass over the table.
+        let row: OutboxDepthRow = sqlx::query_as(
+            "SELECT COUNT(*) FILTER (WHERE status = 'pending') AS pending,
+                    COUNT(*) FILTER (WHERE status = 'pending' AND next_attempt_at <= $1) AS due,
+                    COUNT(*) FILTER (WHERE status = 'sent') AS sent,
+                    COUNT(*) FILTER (WHERE status = 'dead') AS dead,
+                    MIN(next_attempt_at) FILTER (WHERE status = 'pending'
+                                                   AND next_attempt_at <= $1) AS oldest_due
+             FROM outbox",
+        )
+        .bind(ms(now))
+        .fetch_one(&self.pool)
+        .await?;
+        row.into_depth()
+    }
+
+    async fn set_paused(&self, flow: &str, paused: bool, at: Time) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO flow_state (flow, paused, updated_at) VALUES ($1, $2, $3)
+             ON CONFLICT (flow) DO UPDATE SET paused = EXCLUDED.paused,
+                 updated_at = EXCLUDED.updated_at",
+        )
+        .bind(flow)
+        .bind(paused)
+        .bind(ms(at))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn paused_flows(&self) -> Result<Vec<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT flow FROM flow_state WHERE paused ORDER BY flow")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn claim_fire(&self, flow: &str, fire_at: Time, now: Time) -> Result<bool> {
+        // Concurrent inserts of one key: the second waits for the first to commit, then
+        // inserts nothing.
+        let done = sqlx::query(
+            "INSERT INTO schedule_fires (flow, fire_at, fired_at) VALUES ($1, $2, $3)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(flow)
+        .bind(ms(fire_at))
+        .bind(ms(now))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn last_fire(&self, flow: &str) -> Result<Option<Time>> {
+        let last: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(fire_at) FROM schedule_fires WHERE flow = $1")
+                .bind(flow)
+                .fetch_one(&self.pool)
+                .await?;
+        last.map(|ms| codec::time("schedule_fires", ms)).transpose()
+    }
+
+    async fn flow_counts(&self, flow: Option<&str>) -> Result<Vec<FlowCounts>> {
+        // Conversions join on their run (at most one per run): `converted` counts the flow's
+        // rows in `conversions`.
+        let rows: Vec<FlowCountsRow> = sqlx::query_as(
+            "SELECT r.flow AS flow,
+                    COUNT(*) AS entered,
+                    COUNT(*) FILTER (WHERE r.status = 'waiting') AS waiting,
+                    COUNT(*) FILTER (WHERE r.status = 'ended' AND (r.outcome IS NULL
+                                     OR r.outcome NOT IN ('exited', 'error'))) AS completed,
+                    COUNT(*) FILTER (WHERE r.status = 'ended' AND r.outcome = 'exited')
+                        AS exited,
+                    COUNT(*) FILTER (WHERE r.status = 'ended' AND r.outcome = 'error')
+                        AS errored,
+                    COUNT(c.run_id) AS converted
+             FROM runs r LEFT JOIN conversions c ON c.run_id = r.id
+             WHERE $1::text IS NULL OR r.flow = $1
+             GROUP BY r.flow ORDER BY r.flow",
+        )
+        .bind(flow)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(FlowCountsRow::into_counts).collect())
+    }
+
+    async fn claim_customers(
+        &self,
+        ids: &[String],
+        owner: &str,
+        now: Time,
+        until: Time,
+    ) -> Result<Vec<String>> {
+        let wanted = codec::lease_ids(ids);
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let held: Vec<String> = sqlx::query_scalar(CLAIM_CUSTOMERS)
+            .bind(&wanted)
+            .bind(owner)
+            .bind(ms(now))
+            .bind(ms(until))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(codec::in_given_order(ids, held))
+    }
+
+    async fn release_customers(&self, ids: &[String], owner: &str) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(RELEASE_CUSTOMERS)
+            .bind(ids)
+            .bind(owner)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 }
 

@@ -34,13 +34,14 @@ use sqlx::sqlite::{
 use sqlx::{Sqlite, SqliteConnection, SqlitePool, Transaction};
 
 use super::codec::{
-    self, ConversionRow, CountsRow, CustomerRow, EnrolmentRow, FlowVersionRow, HistoryRow,
-    InboxRow, NodeCountRow, OutboxDbRow, RUN_COLUMNS, RunRow, arm_str, ms, opt_ms, to_json,
+    self, ClaimedRow, ConversionRow, CountsRow, CustomerRow, DeliveryStateRow, EnrolmentRow,
+    FlowCountsRow, FlowVersionRow, HistoryRow, InboxRow, NodeCountRow, OutboxDbRow, OutboxDepthRow,
+    RUN_COLUMNS, RunRow, Settle, arm_str, ms, opt_ms, to_json,
 };
 use super::{Counts, NodeCount, Result, Store, StoreError};
 use crate::state::{
-    Batch, Conversion, Customer, CustomerState, Enrolment, FlowVersion, HistoryEntry, InboxItem,
-    OutboxRow, Run, Time,
+    Batch, Conversion, Customer, CustomerState, Delivery, DeliveryOutcome, DeliveryState,
+    Enrolment, FlowCounts, FlowVersion, HistoryEntry, InboxItem, OutboxDepth, OutboxRow, Run, Time,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -92,7 +93,7 @@ impl SqliteStore {
                 Durability::Full => SqliteSynchronous::Full,
             })
             .busy_timeout(Duration::from_secs(30))
-            // Room for every statement size of every table (8 × 11) and the reads.
+            // Room for every statement size of every table (10 × 11) and the reads.
             .statement_cache_capacity(256)
             // 32 MiB of page cache per connection; temporary b-trees (sorts) in memory.
             .pragma("cache_size", "-32768")
@@ -332,8 +333,9 @@ impl Shape {
         &all[rows.trailing_zeros() as usize]
     }
 
-    /// The statements that write `rows`, encoded (for the raw-SQL benchmark, which times
-    /// only the database).
+    /// The statements that write `rows`, encoded: for the raw-SQL benchmark, which times
+    /// only the database, and for statements whose rows come back (`RETURNING`) or that take
+    /// a parameter after the rows (bound by the caller).
     pub(crate) fn encode<'a, T: ?Sized>(
         &'static self,
         rows: &[&'a T],
@@ -445,6 +447,67 @@ static PUT_FLOW_VERSIONS: Shape = Shape::new(
 const INBOX_DONE: &str = "\
 UPDATE inbox SET applied_at = ?2
 WHERE seq IN (SELECT value FROM json_each(?1)) AND applied_at IS NULL";
+
+// ---- customer leases ----------------------------------------------------------------------
+
+/// `claim_customers`: rows `(customer_id, owner, until)`, then `now` — the parameter after
+/// the rows (an unnumbered `?` takes the next number). A lease is taken when the row is new,
+/// ran out (`until <= now`) or is the owner's own (extended); `RETURNING` names the ids
+/// taken. The caller holds the write lock (`BEGIN IMMEDIATE`), so claims queue.
+static CLAIM_CUSTOMERS: Shape = Shape::new(
+    "INSERT INTO customer_leases (customer_id, owner, until) VALUES ",
+    3,
+    " ON CONFLICT (customer_id) DO UPDATE SET owner = excluded.owner, until = excluded.until \
+     WHERE customer_leases.until <= ? OR customer_leases.owner = excluded.owner \
+     RETURNING customer_id",
+);
+
+/// `commit`'s lease check: how many of the customers (a JSON array) `?2` holds at `?3`. It
+/// runs first in the commit's write transaction, so no claim lands between it and the writes.
+const LEASES_HELD: &str = "\
+SELECT COUNT(*) FROM customer_leases
+WHERE customer_id IN (SELECT value FROM json_each(?1)) AND owner = ?2 AND until > ?3";
+
+// ---- the dispatcher -----------------------------------------------------------------------
+
+/// The columns of `outbox` that make an [`OutboxRow`] ([`OutboxDbRow`]).
+const OUTBOX_COLUMNS: &str = "key, kind, run_id, flow, customer_id, step, channel, address, \
+                              template, payload, transactional, created_at";
+
+/// `claim_outbox`: pick the due rows from the `outbox_pending` index (its order is
+/// `next_attempt_at`, then rowid) and lease them in the same statement. The caller holds the
+/// write lock (`BEGIN IMMEDIATE`), so nothing runs between the pick and the lease; another
+/// process's claim waits for the lock, then finds the leases. `RETURNING` has no order:
+/// the rows carry theirs (`next_attempt_at`, `ord`).
+const CLAIM_OUTBOX: &str = "\
+UPDATE outbox SET lease_until = ?3, claimed_by = ?4
+WHERE rowid IN (SELECT rowid FROM outbox
+                WHERE status = 'pending' AND next_attempt_at <= ?1
+                  AND (lease_until IS NULL OR lease_until < ?1)
+                ORDER BY next_attempt_at, rowid LIMIT ?2)
+RETURNING key, kind, run_id, flow, customer_id, step, channel, address, template, payload,
+          transactional, created_at, attempts, lease_until, next_attempt_at, rowid AS ord";
+
+/// `settle_outbox`: the outcomes as a `VALUES` table, joined on the key. A `NULL` keeps the
+/// row's value (`attempts`: one more, for a send). Only pending rows change, so a late
+/// outcome never undoes another dispatcher's.
+static SETTLE_OUTBOX: Shape = Shape::new(
+    "WITH v (key, status, attempts, next_attempt_at, last_error, sent_at, dead_at) AS (VALUES ",
+    7,
+    ") UPDATE outbox SET status = v.status, \
+     attempts = coalesce(v.attempts, outbox.attempts + 1), \
+     next_attempt_at = coalesce(v.next_attempt_at, outbox.next_attempt_at), \
+     last_error = coalesce(v.last_error, outbox.last_error), \
+     sent_at = coalesce(v.sent_at, outbox.sent_at), \
+     dead_at = coalesce(v.dead_at, outbox.dead_at), \
+     lease_until = NULL, claimed_by = NULL \
+     FROM v WHERE outbox.key = v.key AND outbox.status = 'pending'",
+);
+
+fn bind_settle<'a>(a: &mut Args<'a>, s: &'a Settle<'a>) -> Result<()> {
+    add!(a; s.key, s.status, s.attempts, s.next_attempt_at, s.last_error, s.sent_at, s.dead_at);
+    Ok(())
+}
 
 fn bind_customer<'a>(a: &mut Args<'a>, c: &'a Customer) -> Result<()> {
     const T: &str = "customers";
@@ -689,6 +752,17 @@ impl Store for SqliteStore {
         }
         let rows = codec::Rows::of(batch);
         let mut tx = self.begin().await?;
+        if let Some(lease) = &batch.lease {
+            let ids = codec::lease_ids(&lease.customers);
+            let held: i64 = sqlx::query_scalar(LEASES_HELD)
+                .bind(string_array(ids.iter().copied()))
+                .bind(lease.owner.as_str())
+                .bind(ms(lease.now))
+                .fetch_one(&mut *tx)
+                .await?;
+            // On a lost lease the transaction is dropped: rolled back, nothing written.
+            codec::check_lease(lease, ids.len(), held)?;
+        }
         let mut pipe = Pipeline::new(&mut tx);
         UPSERT_CUSTOMERS
             .write(&mut pipe, &rows.customers, bind_customer)
@@ -879,6 +953,189 @@ impl Store for SqliteStore {
         .fetch_one(&self.read)
         .await?;
         Ok(row.into_counts())
+    }
+
+    async fn claim_outbox(
+        &self,
+        now: Time,
+        limit: usize,
+        owner: &str,
+        lease_until: Time,
+    ) -> Result<Vec<Delivery>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.begin().await?;
+        let rows: Vec<ClaimedRow> = sqlx::query_as(CLAIM_OUTBOX)
+            .bind(ms(now))
+            .bind(limit_i64(limit))
+            .bind(ms(lease_until))
+            .bind(owner)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        ClaimedRow::into_deliveries(rows)
+    }
+
+    async fn settle_outbox(&self, outcomes: &[DeliveryOutcome]) -> Result<()> {
+        if outcomes.is_empty() {
+            return Ok(());
+        }
+        let settle = Settle::of(outcomes);
+        let rows: Vec<&Settle> = settle.iter().collect();
+        let mut tx = self.begin().await?;
+        let mut pipe = Pipeline::new(&mut tx);
+        SETTLE_OUTBOX.write(&mut pipe, &rows, bind_settle).await?;
+        pipe.finish().await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn deliveries(&self, customer_id: &str) -> Result<Vec<DeliveryState>> {
+        let rows: Vec<DeliveryStateRow> = sqlx::query_as(&format!(
+            "SELECT {OUTBOX_COLUMNS}, status, attempts, next_attempt_at, last_error, sent_at
+             FROM outbox WHERE customer_id = ?1 ORDER BY rowid"
+        ))
+        .bind(customer_id)
+        .fetch_all(&self.read)
+        .await?;
+        rows.into_iter().map(DeliveryStateRow::into_state).collect()
+    }
+
+    async fn outbox_depth(&self, now: Time) -> Result<OutboxDepth> {
+        // One pass over the table.
+        let row: OutboxDepthRow = sqlx::query_as(
+            "SELECT COUNT(*) FILTER (WHERE status = 'pending') AS pending,
+                    COUNT(*) FILTER (WHERE status = 'pending' AND next_attempt_at <= ?1) AS due,
+                    COUNT(*) FILTER (WHERE status = 'sent') AS sent,
+                    COUNT(*) FILTER (WHERE status = 'dead') AS dead,
+                    MIN(next_attempt_at) FILTER (WHERE status = 'pending'
+                                                   AND next_attempt_at <= ?1) AS oldest_due
+             FROM outbox",
+        )
+        .bind(ms(now))
+        .fetch_one(&self.read)
+        .await?;
+        row.into_depth()
+    }
+
+    async fn set_paused(&self, flow: &str, paused: bool, at: Time) -> Result<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO flow_state (flow, paused, updated_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (flow) DO UPDATE SET paused = excluded.paused,
+                 updated_at = excluded.updated_at",
+        )
+        .bind(flow)
+        .bind(paused)
+        .bind(ms(at))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn paused_flows(&self) -> Result<Vec<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT flow FROM flow_state WHERE paused ORDER BY flow")
+                .fetch_all(&self.read)
+                .await?,
+        )
+    }
+
+    async fn claim_fire(&self, flow: &str, fire_at: Time, now: Time) -> Result<bool> {
+        let mut tx = self.begin().await?;
+        let done = sqlx::query(
+            "INSERT INTO schedule_fires (flow, fire_at, fired_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(flow)
+        .bind(ms(fire_at))
+        .bind(ms(now))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn last_fire(&self, flow: &str) -> Result<Option<Time>> {
+        let last: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(fire_at) FROM schedule_fires WHERE flow = ?1")
+                .bind(flow)
+                .fetch_one(&self.read)
+                .await?;
+        last.map(|ms| codec::time("schedule_fires", ms)).transpose()
+    }
+
+    async fn flow_counts(&self, flow: Option<&str>) -> Result<Vec<FlowCounts>> {
+        // Conversions join on their run (at most one per run): `converted` counts the flow's
+        // rows in `conversions`.
+        let rows: Vec<FlowCountsRow> = sqlx::query_as(
+            "SELECT r.flow AS flow,
+                    COUNT(*) AS entered,
+                    COUNT(*) FILTER (WHERE r.status = 'waiting') AS waiting,
+                    COUNT(*) FILTER (WHERE r.status = 'ended' AND (r.outcome IS NULL
+                                     OR r.outcome NOT IN ('exited', 'error'))) AS completed,
+                    COUNT(*) FILTER (WHERE r.status = 'ended' AND r.outcome = 'exited')
+                        AS exited,
+                    COUNT(*) FILTER (WHERE r.status = 'ended' AND r.outcome = 'error')
+                        AS errored,
+                    COUNT(c.run_id) AS converted
+             FROM runs r LEFT JOIN conversions c ON c.run_id = r.id
+             WHERE ?1 IS NULL OR r.flow = ?1
+             GROUP BY r.flow ORDER BY r.flow",
+        )
+        .bind(flow)
+        .fetch_all(&self.read)
+        .await?;
+        Ok(rows.into_iter().map(FlowCountsRow::into_counts).collect())
+    }
+
+    async fn claim_customers(
+        &self,
+        ids: &[String],
+        owner: &str,
+        now: Time,
+        until: Time,
+    ) -> Result<Vec<String>> {
+        let wanted = codec::lease_ids(ids);
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let until = ms(until);
+        let statements = CLAIM_CUSTOMERS.encode(&wanted, |a, id| {
+            add!(a; id, owner, until);
+            Ok(())
+        })?;
+        let mut held = Vec::with_capacity(wanted.len());
+        let mut tx = self.begin().await?;
+        for (sql, mut args) in statements {
+            add!(&mut args; ms(now));
+            let taken: Vec<String> = sqlx::query_scalar_with(sql, args)
+                .fetch_all(&mut *tx)
+                .await?;
+            held.extend(taken);
+        }
+        tx.commit().await?;
+        Ok(codec::in_given_order(ids, held))
+    }
+
+    async fn release_customers(&self, ids: &[String], owner: &str) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let ids = string_array(ids.iter().map(String::as_str));
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "DELETE FROM customer_leases
+             WHERE customer_id IN (SELECT value FROM json_each(?1)) AND owner = ?2",
+        )
+        .bind(ids)
+        .bind(owner)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
     }
 }
 

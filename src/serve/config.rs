@@ -1,0 +1,308 @@
+//! Where `canvas serve` takes its settings from: flags, then `CANVAS_*` environment
+//! variables, then the `server:` section of `canvas.yaml`, then defaults — the first that
+//! says something wins.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use canvas_engine::policy::Policy;
+use serde::Deserialize;
+
+/// The longest request body, by default (a batch of 1,000 events of ~4 KB each).
+pub const DEFAULT_MAX_BODY: usize = 4 * 1024 * 1024;
+/// The most events (or Segment messages) in one batch, by default.
+pub const DEFAULT_MAX_BATCH: usize = 1000;
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// The flows folder (searched recursively). Env: CANVAS_FLOWS. Default: `flows`.
+    #[arg(long, env = "CANVAS_FLOWS")]
+    pub flows: Option<PathBuf>,
+    /// The engine's config file. Env: CANVAS_CONFIG. Default: `canvas.yaml` in the flows
+    /// folder or its parent, when there is one.
+    #[arg(long, env = "CANVAS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// `sqlite://PATH` or `postgres://…`. Env: CANVAS_DATABASE_URL. Default:
+    /// `sqlite://canvas.db`.
+    #[arg(long, env = "CANVAS_DATABASE_URL")]
+    pub database: Option<String>,
+    /// Address to listen on. Env: CANVAS_LISTEN. Default: 127.0.0.1:8080.
+    #[arg(long, env = "CANVAS_LISTEN")]
+    pub listen: Option<SocketAddr>,
+}
+
+/// The `server:` section of `canvas.yaml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// Address to listen on.
+    pub listen: Option<String>,
+    /// `sqlite://PATH` or `postgres://…`.
+    pub database: Option<String>,
+    /// Bearer tokens: each names its scope and where its secret is.
+    #[serde(default)]
+    pub tokens: Vec<TokenSpec>,
+    /// Segment-compatible ingestion (`/v1/batch`, `/v1/track`, `/v1/identify`).
+    pub segment: Option<SegmentSpec>,
+    /// Request size limits.
+    #[serde(default)]
+    pub limits: LimitsSpec,
+}
+
+/// A bearer token: its scope, and its value in an environment variable (`env`) or, for a
+/// development setup, in the file itself (`token`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenSpec {
+    pub scope: Scope,
+    pub env: Option<String>,
+    pub token: Option<String>,
+}
+
+/// What a token may do: `read` the API, or also `write` (ingest, pause, resume).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    Read,
+    Write,
+}
+
+/// The write keys the Segment/RudderStack SDKs send as the HTTP basic-auth user.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SegmentSpec {
+    /// Environment variable holding the write key.
+    pub write_key_env: Option<String>,
+    /// The write key itself (development only: prefer `write_key_env`).
+    pub write_key: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSpec {
+    /// Largest request body in bytes.
+    pub max_body_bytes: Option<usize>,
+    /// Most events or messages in one batch.
+    pub max_batch: Option<usize>,
+}
+
+/// Everything `canvas serve` runs with, resolved.
+#[derive(Debug)]
+pub struct Settings {
+    pub flows: PathBuf,
+    pub config: Option<PathBuf>,
+    pub policy: Policy,
+    pub database: String,
+    pub listen: SocketAddr,
+    /// `(token, scope)`.
+    pub tokens: Vec<(String, Scope)>,
+    pub write_keys: Vec<String>,
+    pub max_body: usize,
+    pub max_batch: usize,
+}
+
+impl Settings {
+    /// Resolve the settings; `env` reads an environment variable (injected for tests).
+    pub fn resolve(
+        args: ServeArgs,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<Settings> {
+        let flows = args.flows.unwrap_or_else(|| PathBuf::from("flows"));
+        let config = match args.config {
+            Some(path) => {
+                if !path.is_file() {
+                    bail!("--config {}: no such file", path.display());
+                }
+                Some(path)
+            }
+            None => find_config(&flows),
+        };
+        let policy = match &config {
+            Some(path) => Policy::load(path).map_err(|e| describe(&e.diagnostics))?,
+            None => Policy::default(),
+        };
+        let section: ServerSection = policy
+            .section("server")
+            .map_err(|e| describe(&e.diagnostics))?
+            .unwrap_or_default();
+        let database = args
+            .database
+            .or(section.database)
+            .unwrap_or_else(|| "sqlite://canvas.db".to_owned());
+        let listen = match args.listen {
+            Some(a) => a,
+            None => match &section.listen {
+                Some(text) => text.parse().with_context(|| {
+                    format!("server.listen: `{text}` is not an address such as 127.0.0.1:8080")
+                })?,
+                None => SocketAddr::from(([127, 0, 0, 1], 8080)),
+            },
+        };
+        let mut tokens = Vec::new();
+        for (var, scope) in [
+            ("CANVAS_API_TOKEN", Scope::Write),
+            ("CANVAS_API_READ_TOKEN", Scope::Read),
+        ] {
+            if let Some(t) = env(var).filter(|t| !t.is_empty()) {
+                tokens.push((t, scope));
+            }
+        }
+        for (i, spec) in section.tokens.iter().enumerate() {
+            let value = secret(
+                &format!("server.tokens[{i}]"),
+                spec.env.as_deref(),
+                spec.token.as_deref(),
+                &env,
+            )?;
+            tokens.push((value, spec.scope));
+        }
+        let mut write_keys = Vec::new();
+        if let Some(k) = env("CANVAS_WRITE_KEY").filter(|k| !k.is_empty()) {
+            write_keys.push(k);
+        }
+        if let Some(spec) = &section.segment {
+            write_keys.push(secret(
+                "server.segment",
+                spec.write_key_env.as_deref(),
+                spec.write_key.as_deref(),
+                &env,
+            )?);
+        }
+        if tokens.is_empty() && !listen.ip().is_loopback() {
+            bail!(
+                "no API token: set CANVAS_API_TOKEN (write) or CANVAS_API_READ_TOKEN, or `server.tokens` in the config; without one, `canvas serve` only listens on a loopback address"
+            );
+        }
+        let max_body = section.limits.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY);
+        let max_batch = section.limits.max_batch.unwrap_or(DEFAULT_MAX_BATCH);
+        if max_body == 0 || max_batch == 0 {
+            bail!("server.limits: `max_body_bytes` and `max_batch` must be at least 1");
+        }
+        Ok(Settings {
+            flows,
+            config,
+            policy,
+            database,
+            listen,
+            tokens,
+            write_keys,
+            max_body,
+            max_batch,
+        })
+    }
+}
+
+/// Diagnostics as one error: each with file:line:col and its hint.
+pub fn describe(diagnostics: &[canvas_engine::diagnostic::Diagnostic]) -> anyhow::Error {
+    let mut text = String::new();
+    for d in diagnostics {
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        text.push_str(&d.headline());
+        if let Some(help) = &d.help {
+            text.push_str(&format!("\n  help: {help}"));
+        }
+    }
+    anyhow::anyhow!(text)
+}
+
+/// `canvas.yaml` in the flows folder, else in its parent.
+fn find_config(flows: &Path) -> Option<PathBuf> {
+    [Some(flows), flows.parent()]
+        .into_iter()
+        .flatten()
+        .map(|d| d.join(canvas_engine::policy::FILE_NAME))
+        .find(|p| p.is_file())
+}
+
+/// A secret named by an environment variable (`env`) or written inline (`value`).
+fn secret(
+    what: &str,
+    var: Option<&str>,
+    value: Option<&str>,
+    env: &impl Fn(&str) -> Option<String>,
+) -> anyhow::Result<String> {
+    match (var, value) {
+        (Some(var), None) => match env(var) {
+            Some(v) if !v.is_empty() => Ok(v),
+            _ => bail!("{what}: the environment variable `{var}` is not set"),
+        },
+        (None, Some(v)) if !v.is_empty() => Ok(v.to_owned()),
+        (None, Some(_)) => bail!("{what}: the value is empty"),
+        (Some(_), Some(_)) => bail!("{what}: give `env` or the value, not both"),
+        (None, None) => bail!("{what}: say where the secret is, e.g. `env: CANVAS_API_TOKEN`"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> ServeArgs {
+        ServeArgs {
+            flows: Some(PathBuf::from("/nonexistent/flows")),
+            config: None,
+            database: None,
+            listen: None,
+        }
+    }
+
+    #[test]
+    fn defaults_and_env_tokens() {
+        let s = Settings::resolve(args(), |v| {
+            (v == "CANVAS_API_TOKEN").then(|| "t1".to_owned())
+        })
+        .expect("resolves");
+        assert_eq!(s.database, "sqlite://canvas.db");
+        assert_eq!(s.listen, SocketAddr::from(([127, 0, 0, 1], 8080)));
+        assert_eq!(s.tokens, vec![("t1".to_owned(), Scope::Write)]);
+        assert_eq!(s.max_batch, DEFAULT_MAX_BATCH);
+    }
+
+    #[test]
+    fn public_address_needs_a_token() {
+        let mut a = args();
+        a.listen = Some(SocketAddr::from(([0, 0, 0, 0], 8080)));
+        let e = Settings::resolve(a, |_| None).expect_err("refused");
+        assert!(e.to_string().contains("no API token"), "{e}");
+    }
+
+    #[test]
+    fn config_section_is_read_and_flags_win() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("canvas.yaml");
+        std::fs::write(
+            &path,
+            "timezone: UTC\nserver:\n  listen: 127.0.0.1:9000\n  database: sqlite://x.db\n  tokens:\n    - { scope: read, env: RO }\n  limits: { max_batch: 10 }\n",
+        )
+        .expect("write");
+        let mut a = args();
+        a.config = Some(path.clone());
+        a.database = Some("sqlite://flag.db".into());
+        let s = Settings::resolve(a, |v| (v == "RO").then(|| "ro".to_owned())).expect("resolves");
+        assert_eq!(s.database, "sqlite://flag.db");
+        assert_eq!(s.listen, SocketAddr::from(([127, 0, 0, 1], 9000)));
+        assert_eq!(s.tokens, vec![("ro".to_owned(), Scope::Read)]);
+        assert_eq!(s.max_batch, 10);
+
+        let mut a = args();
+        a.config = Some(path);
+        let e = Settings::resolve(a, |_| None).expect_err("missing env");
+        assert!(e.to_string().contains("`RO` is not set"), "{e}");
+    }
+
+    #[test]
+    fn unknown_server_key_points_at_the_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("canvas.yaml");
+        std::fs::write(&path, "server:\n  lisen: 127.0.0.1:9000\n").expect("write");
+        let mut a = args();
+        a.config = Some(path);
+        let e = Settings::resolve(a, |_| None).expect_err("typo");
+        let text = e.to_string();
+        assert!(text.contains("unknown key `lisen`"), "{text}");
+        assert!(text.contains("did you mean `listen`"), "{text}");
+    }
+}

@@ -1,0 +1,351 @@
+//! `canvas serve`: the daemon. An HTTP API takes events and profile updates into the inbox
+//! (answering once they are committed), an engine loop applies the inbox and fires timers,
+//! schedules and segment rechecks, and a dispatcher delivers the outbox through the
+//! channels of `canvas.yaml`. SIGTERM or SIGINT stops taking work, lets what is in flight
+//! finish, and exits 0.
+
+mod api;
+pub mod config;
+mod dispatch;
+mod metrics;
+mod reload;
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use canvas_engine::Registry;
+use canvas_engine::clock::{Clock, SystemClock};
+use canvas_engine::runtime::{FlowSet, Runtime, Stats};
+use canvas_engine::state::Time;
+use canvas_engine::store::{Database, Store};
+use tokio::sync::{Notify, watch};
+
+pub use config::ServeArgs;
+use config::Settings;
+use metrics::Metrics;
+
+/// The longest the engine loop sleeps: it rereads paused flows and catches work another
+/// daemon enqueued at least this often.
+const MAX_IDLE: Duration = Duration::from_millis(500);
+
+/// What the API handlers and the loops share.
+pub struct App {
+    pub db: Database,
+    engine: RwLock<Arc<Runtime<Database>>>,
+    /// Held while a new engine is built from the current one, so a reload and a change of
+    /// paused flows never undo each other.
+    swap_lock: Mutex<()>,
+    /// Woken when the inbox has new items.
+    pub wake: Notify,
+    /// Woken when the engine committed outbox rows.
+    pub outbox_wake: Notify,
+    pub metrics: Metrics,
+    pub settings: Settings,
+    pub clock: Arc<dyn Clock>,
+    /// Set once a shutdown began: `/readyz` answers 503 from then on.
+    pub stopping: AtomicBool,
+}
+
+impl App {
+    /// The engine as it is now (flows and paused set are swapped, never mutated).
+    pub fn engine(&self) -> Arc<Runtime<Database>> {
+        match self.engine.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Build the next engine from the current one and swap it in (or keep the current one
+    /// when `next` says `None`). Runs already executing keep the engine they started with.
+    fn update(&self, next: impl FnOnce(&Runtime<Database>) -> Option<Runtime<Database>>) {
+        let _guard = match self.swap_lock.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(runtime) = next(&self.engine()) {
+            let runtime = Arc::new(runtime);
+            match self.engine.write() {
+                Ok(mut g) => *g = runtime,
+                Err(poisoned) => *poisoned.into_inner() = runtime,
+            }
+        }
+    }
+
+    /// Re-read the paused flows from the database (several daemons share them); swap the
+    /// engine when they changed.
+    async fn refresh_paused(&self) -> anyhow::Result<()> {
+        let paused: HashSet<String> = self.db.paused_flows().await?.into_iter().collect();
+        self.update(|engine| {
+            (engine.paused != paused).then(|| {
+                let mut next = successor(engine, engine.flows.clone(), engine.policy.clone());
+                next.paused = paused;
+                next
+            })
+        });
+        Ok(())
+    }
+}
+
+/// A new engine like `engine` (same store, registry, paused flows, batch size and lease
+/// settings) with these flows and policies.
+fn successor(
+    engine: &Runtime<Database>,
+    flows: FlowSet,
+    policy: canvas_engine::policy::Policy,
+) -> Runtime<Database> {
+    let mut next = Runtime::new(engine.store.clone(), flows, policy, engine.registry.clone());
+    next.batch_size = engine.batch_size;
+    next.paused = engine.paused.clone();
+    next.owner = engine.owner.clone();
+    next.lease = engine.lease;
+    next
+}
+
+pub fn run(args: ServeArgs, registry: &Registry) -> anyhow::Result<ExitCode> {
+    let settings = Settings::resolve(args, |v| std::env::var(v).ok())?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(serve(settings, registry.clone()))
+}
+
+/// Compile every flow under `dir`; any error refuses the whole set.
+fn load_flows(dir: &Path, registry: &Registry) -> anyhow::Result<FlowSet> {
+    let validation = canvas_engine::validate_paths(&[dir.to_path_buf()], registry)?;
+    if !validation.is_valid() {
+        return Err(config::describe(&validation.diagnostics)
+            .context(format!("{} has errors", dir.display())));
+    }
+    Ok(FlowSet::new(validation.flows().cloned()))
+}
+
+/// The `channels:` section, secrets resolved from the environment, adapters built; every
+/// channel the flows use must be there.
+fn load_channels(
+    settings: &Settings,
+    flows: &FlowSet,
+) -> anyhow::Result<canvas_channels::Channels> {
+    let config: canvas_channels::ChannelsConfig = settings
+        .policy
+        .section("channels")
+        .map_err(|e| config::describe(&e.diagnostics))?
+        .unwrap_or_default();
+    let resolved = config
+        .resolve(|v| std::env::var(v).ok())
+        .context("canvas.yaml `channels:`")?;
+    let channels =
+        canvas_channels::Channels::from_config(resolved).context("canvas.yaml `channels:`")?;
+    let missing = dispatch::missing_channels(flows, &channels);
+    if !missing.is_empty() {
+        bail!(
+            "the flows send on {} but `channels:` in {} does not configure {}; see docs/channels.md",
+            missing
+                .iter()
+                .map(|c| format!("`{c}`"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            settings
+                .config
+                .as_ref()
+                .map_or_else(|| "canvas.yaml".to_owned(), |p| p.display().to_string()),
+            if missing.len() == 1 { "it" } else { "them" }
+        );
+    }
+    Ok(channels)
+}
+
+async fn serve(settings: Settings, registry: Registry) -> anyhow::Result<ExitCode> {
+    let flows = load_flows(&settings.flows, &registry)?;
+    let channels = Arc::new(load_channels(&settings, &flows)?);
+    let db = Database::connect(&settings.database)
+        .await
+        .with_context(|| format!("opening {}", settings.database))?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let owner = format!(
+        "{}:{}:{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "canvas".to_owned()),
+        std::process::id(),
+        clock.now().timestamp_millis()
+    );
+    let mut runtime = Runtime::new(db.clone(), flows, settings.policy.clone(), registry);
+    if matches!(db, Database::Postgres(_)) {
+        // Other daemons may share this database: lease customers per round.
+        runtime.owner = Some(owner.clone());
+    }
+    runtime.register_versions(clock.now()).await?;
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("listening on {}", settings.listen))?;
+    let local = listener.local_addr()?;
+    let app = Arc::new(App {
+        db,
+        engine: RwLock::new(Arc::new(runtime)),
+        swap_lock: Mutex::new(()),
+        wake: Notify::new(),
+        outbox_wake: Notify::new(),
+        metrics: Metrics::new(),
+        settings,
+        clock,
+        stopping: AtomicBool::new(false),
+    });
+    app.refresh_paused().await?;
+    if app.settings.tokens.is_empty() {
+        tracing::warn!("no API token configured: the API is open to anyone who can reach {local}");
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let engine = tokio::spawn(engine_loop(app.clone(), stop_rx.clone()));
+    let flow_watch = reload::watch(&app.settings.flows)?;
+    let watcher = tokio::spawn(reload::watch_flows(
+        app.clone(),
+        channels.clone(),
+        flow_watch,
+        stop_rx.clone(),
+    ));
+    let dispatcher = tokio::spawn(dispatch::run(app.clone(), channels, owner, stop_rx.clone()));
+    let router = api::router(app.clone());
+    // Operators and tests read this line to learn the address (`--listen 127.0.0.1:0`).
+    tracing::info!(%local, "canvas serve listening");
+    eprintln!("canvas serve: listening on http://{local}");
+    let mut http_stop = stop_rx.clone();
+    let http = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = http_stop.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    shutdown_signal().await;
+    tracing::info!("shutting down: no new requests; finishing work in flight");
+    app.stopping.store(true, Ordering::SeqCst);
+    let _ = stop_tx.send(true);
+    app.wake.notify_waiters();
+    http.await.context("the HTTP server task")??;
+    engine.await.context("the engine task")?;
+    dispatcher.await.context("the dispatcher task")?;
+    watcher.await.context("the flow watcher task")?;
+    eprintln!("canvas serve: stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!("cannot listen for SIGINT: {e}");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
+
+/// Apply the inbox, fire timers, schedules and segment rechecks; sleep until the next due
+/// moment, new inbox items, or shutdown. A pass that fails (the database went away) is
+/// logged and retried; committed work is never repeated, since every round commits its
+/// inputs as applied in the same transaction.
+async fn engine_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    let mut last_fire: HashMap<String, Time> = HashMap::new();
+    let mut failures = 0u32;
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let now = app.clock.now();
+        match pass(&app, &mut last_fire, now).await {
+            Ok(()) => failures = 0,
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                tracing::error!("engine pass failed (attempt {failures}): {e:#}");
+            }
+        }
+        let pause = if failures > 0 {
+            Duration::from_millis(200u64.saturating_mul(1 << failures.min(5)))
+        } else {
+            match app.engine().next_due(now).await {
+                Ok(Some(t)) => (t - app.clock.now()).to_std().unwrap_or(Duration::ZERO),
+                _ => MAX_IDLE,
+            }
+            .min(MAX_IDLE)
+        };
+        tokio::select! {
+            () = app.wake.notified() => {}
+            () = tokio::time::sleep(pause) => {}
+            _ = stop.changed() => {}
+        }
+    }
+}
+
+async fn pass(app: &App, last_fire: &mut HashMap<String, Time>, now: Time) -> anyhow::Result<()> {
+    let stats = engine_pass(app, last_fire, now).await?;
+    if stats.outbox > 0 {
+        app.outbox_wake.notify_one();
+    }
+    Ok(())
+}
+
+async fn engine_pass(
+    app: &App,
+    last_fire: &mut HashMap<String, Time>,
+    now: Time,
+) -> anyhow::Result<Stats> {
+    app.refresh_paused().await?;
+    let engine = app.engine();
+    let m = &app.metrics;
+    let observe = |phase: &'static str| {
+        let mut t = Instant::now();
+        move |s: &Stats| {
+            m.commit_seconds
+                .get_or_create(&Metrics::phase(phase))
+                .observe(t.elapsed().as_secs_f64());
+            t = Instant::now();
+            let _ = s;
+        }
+    };
+    let mut stats = Stats::default();
+    stats.add(engine.fire_due_with(now, observe("timers")).await?);
+    stats.add(engine.process_inbox_with(now, observe("inbox")).await?);
+    // Schedules and segment rechecks: each (flow, moment) is claimed in the database, so
+    // with several daemons exactly one enters the audience.
+    for flow in engine.flows.current() {
+        if !last_fire.contains_key(&flow.id) {
+            let after = app.db.last_fire(&flow.id).await?.unwrap_or(now);
+            last_fire.insert(flow.id.clone(), after);
+        }
+    }
+    let due = engine.due_ticks(|id| last_fire.get(id).copied().unwrap_or(now), now);
+    for (flow, at) in due {
+        last_fire.insert(flow.id.clone(), at);
+        if app.db.claim_fire(&flow.id, at, now).await? {
+            let t = Instant::now();
+            stats.add(engine.enter_audience(std::slice::from_ref(&flow), now).await?);
+            m.commit_seconds
+                .get_or_create(&Metrics::phase("schedule"))
+                .observe(t.elapsed().as_secs_f64());
+            tracing::info!(flow = %flow.id, %at, "schedule fired");
+        }
+    }
+    m.transitions.inc_by(stats.transitions);
+    m.runs_started.inc_by(stats.started);
+    Ok(stats)
+}

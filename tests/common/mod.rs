@@ -1,0 +1,235 @@
+//! A `canvas serve` daemon for integration tests: the real binary on a fresh SQLite file and
+//! a free port, and small HTTP helpers.
+
+#![allow(dead_code)] // each test file uses part of it
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const WRITE: &str = "write-token-1";
+pub const READ: &str = "read-token-1";
+
+pub const FLOW: &str = "flow: welcome
+name: Welcome
+timezone: UTC
+trigger:
+  event: signed_up
+steps:
+  - id: hello
+    send: sms
+    template: w/hello
+    priority: transactional
+  - id: wait-order
+    wait:
+      event: order_paid
+      timeout: 7d
+    on_timeout: done
+  - id: thanks
+    send: sms
+    template: w/thanks
+    priority: transactional
+  - id: done
+    exit: finished
+";
+
+/// An `sms` channel for tests that do not look at delivery: a webhook to a closed port,
+/// dead-lettered at the first failure.
+pub const SINK_SMS: &str = "channels:
+  sms:
+    type: webhook
+    url: http://127.0.0.1:9/sink
+    timeout: 1s
+    retry: { max_attempts: 1 }
+";
+
+pub struct Daemon {
+    child: Child,
+    pub base: String,
+    /// The flows folder it watches.
+    pub flows: std::path::PathBuf,
+    /// Every line it wrote to stderr so far.
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Start `canvas serve` on a fresh SQLite file and a free port; `extra_config` is
+    /// appended to canvas.yaml.
+    pub fn start(extra_config: &str) -> Daemon {
+        Daemon::start_with(extra_config, &[])
+    }
+
+    /// [`Daemon::start`] with extra environment variables.
+    pub fn start_with(extra_config: &str, env: &[(&str, &str)]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let flows = dir.path().join("flows");
+        write_flows(&flows, extra_config);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_canvas"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--flows"])
+            .arg(&flows)
+            .arg("--database")
+            .arg(format!(
+                "sqlite://{}",
+                dir.path().join("canvas.db").display()
+            ))
+            .env("CANVAS_API_TOKEN", WRITE)
+            .env("CANVAS_API_READ_TOKEN", READ)
+            .env("CANVAS_LOG", "info")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("canvas serve: listening on ")
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(addr.to_owned());
+                }
+                eprintln!("[daemon] {line}");
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let base = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the daemon printed its address");
+        Daemon {
+            child,
+            base,
+            flows,
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// Wait (up to 20 s) for a stderr line containing `needle`.
+    pub fn wait_log(&self, needle: &str) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(l) = self.log.lock().unwrap().iter().find(|l| l.contains(needle)) {
+                return l.clone();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "the daemon never logged `{needle}`"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the daemon did not exit within 30 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_flows(flows: &Path, extra_config: &str) {
+    std::fs::create_dir_all(flows.join("templates/w")).unwrap();
+    std::fs::write(flows.join("welcome.yaml"), FLOW).unwrap();
+    std::fs::write(
+        flows.join("templates/w/hello.txt"),
+        "Welcome, {{ customer.first_name }}!\n",
+    )
+    .unwrap();
+    std::fs::write(
+        flows.join("templates/w/thanks.txt"),
+        "Thanks for order {{ event.data.order_id }}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        flows.join("canvas.yaml"),
+        format!("timezone: UTC\nquiet_hours: off\n{extra_config}"),
+    )
+    .unwrap();
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+pub async fn call(
+    method: reqwest::Method,
+    url: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = client().request(method, url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, value)
+}
+
+pub async fn raw(url: &str, token: &str, body: &'static str) -> (u16, Value) {
+    let resp = client()
+        .post(url)
+        .bearer_auth(token)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap())
+}
+
+/// Poll `GET url` until `done` holds for the JSON body (the engine applies the inbox
+/// asynchronously), or fail after 20 s.
+pub async fn until(url: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        let (status, body) = call(reqwest::Method::GET, url, Some(READ), None).await;
+        if status == 200 && done(&body) {
+            return body;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "gave up waiting on {url}: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn error_code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or("<no error code>")
+}
