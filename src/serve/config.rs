@@ -48,6 +48,22 @@ pub struct ServerSection {
     /// Request size limits.
     #[serde(default)]
     pub limits: LimitsSpec,
+    /// How long claims last when several daemons share a Postgres database.
+    #[serde(default)]
+    pub leases: LeasesSpec,
+}
+
+/// Durations such as `30s`, `2m`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeasesSpec {
+    /// A round's hold on its customers (default 30s): a daemon that dies holding them
+    /// blocks those customers this long.
+    pub customers: Option<String>,
+    /// A dispatcher's hold on the outbox rows it claimed (default 2m): a row claimed by a
+    /// daemon that died is delivered by another after this long. Must exceed the time a
+    /// row can wait for its channel's rate limit plus the request itself.
+    pub outbox: Option<String>,
 }
 
 /// A bearer token: its scope, and its value in an environment variable (`env`) or, for a
@@ -100,6 +116,8 @@ pub struct Settings {
     pub write_keys: Vec<String>,
     pub max_body: usize,
     pub max_batch: usize,
+    pub customer_lease: std::time::Duration,
+    pub outbox_lease: std::time::Duration,
 }
 
 impl Settings {
@@ -179,6 +197,24 @@ impl Settings {
         if max_body == 0 || max_batch == 0 {
             bail!("server.limits: `max_body_bytes` and `max_batch` must be at least 1");
         }
+        let lease = |what: &str,
+                     text: &Option<String>,
+                     default: u64|
+         -> anyhow::Result<std::time::Duration> {
+            match text {
+                None => Ok(std::time::Duration::from_secs(default)),
+                Some(t) => {
+                    let d = canvas_channels::parse_duration(t)
+                        .with_context(|| format!("server.leases.{what}: `{t}`"))?;
+                    if d < std::time::Duration::from_secs(1) {
+                        bail!("server.leases.{what}: `{t}` is shorter than a second");
+                    }
+                    Ok(d)
+                }
+            }
+        };
+        let customer_lease = lease("customers", &section.leases.customers, 30)?;
+        let outbox_lease = lease("outbox", &section.leases.outbox, 120)?;
         Ok(Settings {
             flows,
             config,
@@ -189,6 +225,8 @@ impl Settings {
             write_keys,
             max_body,
             max_batch,
+            customer_lease,
+            outbox_lease,
         })
     }
 }

@@ -31,9 +31,6 @@ pub const MAX_IN_FLIGHT: usize = 1024;
 /// Results are recorded at least this often, and at the latest after this many.
 const SETTLE_EVERY: Duration = Duration::from_millis(20);
 const SETTLE_AT: usize = 512;
-/// How long a claimed row belongs to this daemon before another may take it: long enough
-/// to wait for a rate-limited channel and finish the request.
-pub const LEASE: Duration = Duration::from_secs(120);
 /// A row of a paused flow is looked at again after this long.
 const PAUSED_RETRY: Duration = Duration::from_secs(30);
 
@@ -119,7 +116,9 @@ pub async fn run(
         let mut claimed_any = false;
         if !stopping && in_flight.len() < MAX_IN_FLIGHT / 2 {
             let now = app.clock.now();
-            let lease = chrono::Duration::from_std(LEASE).unwrap_or(chrono::Duration::MAX);
+            // How long a claimed row belongs to this daemon before another may take it.
+            let lease = chrono::Duration::from_std(app.settings.outbox_lease)
+                .unwrap_or(chrono::Duration::MAX);
             match app
                 .db
                 .claim_outbox(now, MAX_IN_FLIGHT - in_flight.len(), &owner, now + lease)

@@ -177,6 +177,8 @@ async fn serve(settings: Settings, registry: Registry) -> anyhow::Result<ExitCod
     if matches!(db, Database::Postgres(_)) {
         // Other daemons may share this database: lease customers per round.
         runtime.owner = Some(owner.clone());
+        runtime.lease = chrono::Duration::from_std(settings.customer_lease)
+            .unwrap_or(chrono::Duration::seconds(30));
     }
     runtime.register_versions(clock.now()).await?;
     let listener = tokio::net::TcpListener::bind(settings.listen)
@@ -338,7 +340,11 @@ async fn engine_pass(
         last_fire.insert(flow.id.clone(), at);
         if app.db.claim_fire(&flow.id, at, now).await? {
             let t = Instant::now();
-            stats.add(engine.enter_audience(std::slice::from_ref(&flow), now).await?);
+            stats.add(
+                engine
+                    .enter_audience(std::slice::from_ref(&flow), now)
+                    .await?,
+            );
             m.commit_seconds
                 .get_or_create(&Metrics::phase("schedule"))
                 .observe(t.elapsed().as_secs_f64());

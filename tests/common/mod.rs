@@ -54,7 +54,7 @@ pub struct Daemon {
     pub flows: std::path::PathBuf,
     /// Every line it wrote to stderr so far.
     pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Daemon {
@@ -69,14 +69,22 @@ impl Daemon {
         let dir = tempfile::tempdir().unwrap();
         let flows = dir.path().join("flows");
         write_flows(&flows, extra_config);
+        let database = format!("sqlite://{}", dir.path().join("canvas.db").display());
+        Daemon::spawn(flows, &database, env, Some(dir))
+    }
+
+    /// `canvas serve` on an existing flows folder and database.
+    pub fn spawn(
+        flows: std::path::PathBuf,
+        database: &str,
+        env: &[(&str, &str)],
+        dir: Option<tempfile::TempDir>,
+    ) -> Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_canvas"))
             .args(["serve", "--listen", "127.0.0.1:0", "--flows"])
             .arg(&flows)
             .arg("--database")
-            .arg(format!(
-                "sqlite://{}",
-                dir.path().join("canvas.db").display()
-            ))
+            .arg(database)
             .env("CANVAS_API_TOKEN", WRITE)
             .env("CANVAS_API_READ_TOKEN", READ)
             .env("CANVAS_LOG", "info")
@@ -111,6 +119,12 @@ impl Daemon {
             log,
             _dir: dir,
         }
+    }
+
+    /// SIGKILL: no goodbye, whatever was in flight stays claimed until its lease runs out.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
     }
 
     /// Wait (up to 20 s) for a stderr line containing `needle`.
@@ -153,7 +167,7 @@ impl Drop for Daemon {
     }
 }
 
-fn write_flows(flows: &Path, extra_config: &str) {
+pub fn write_flows(flows: &Path, extra_config: &str) {
     std::fs::create_dir_all(flows.join("templates/w")).unwrap();
     std::fs::write(flows.join("welcome.yaml"), FLOW).unwrap();
     std::fs::write(
