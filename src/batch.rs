@@ -117,6 +117,9 @@ pub fn run(
         let mut runtime = Runtime::new(db, flow_set, policy, registry.clone());
         runtime.batch_size = batch;
         runtime.register_versions(now).await?;
+        for (flow, version, reason) in runtime.restore_versions().await? {
+            tracing::warn!(%flow, %version, "runs pinned to this version cannot move: {reason}");
+        }
         let mut stats = Stats::default();
         // Timers first, then inputs: the order a daemon ticking at `now` would use.
         stats.add(runtime.fire_due(now).await?);

@@ -251,8 +251,13 @@ async fn api_end_to_end_on_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_reload_publishes_valid_changes_and_keeps_runs_on_their_version() {
-    let d = Daemon::start(common::SINK_SMS);
-    let b = &d.base;
+    // The folder and database outlive the first daemon: it is restarted midway.
+    let dir = tempfile::tempdir().unwrap();
+    let flow_dir = dir.path().join("flows");
+    common::write_flows(&flow_dir, common::SINK_SMS);
+    let db = format!("sqlite://{}", dir.path().join("canvas.db").display());
+    let d = Daemon::spawn(flow_dir.clone(), &db, &[], None);
+    let b = &d.base.clone();
     let post = reqwest::Method::POST;
     let events = format!("{b}/v1/events");
     let version =
@@ -309,6 +314,13 @@ async fn hot_reload_publishes_valid_changes_and_keeps_runs_on_their_version() {
     })
     .await;
     assert_eq!(j2["journeys"][0]["version"], json!(v2));
+
+    // A restart: c1's run is pinned to v1, which is no longer in the folder; the daemon
+    // rebuilds it from the recorded source.
+    assert!(d.terminate().success());
+    let d = Daemon::spawn(flow_dir.clone(), &db, &[], None);
+    let b = &d.base.clone();
+    let events = format!("{b}/v1/events");
     let paid = |c: &str, id: &str| json!({"events":[{"id":id,"customer_id":c,"name":"order_paid","data":{"order_id":"O-1"}}]});
     for (c, id) in [("c1", "p1"), ("c2", "p2")] {
         assert_eq!(

@@ -90,6 +90,13 @@ impl FlowSet {
         self.current.values()
     }
 
+    /// Know an older version (for the runs pinned to it) without making it current.
+    pub fn add_version(&mut self, flow: CompiledFlow) {
+        self.versions
+            .entry(flow.hash.0.clone())
+            .or_insert_with(|| Arc::new(flow));
+    }
+
     pub fn get(&self, id: &str) -> Option<&Arc<CompiledFlow>> {
         self.current.get(id)
     }
@@ -100,6 +107,119 @@ impl FlowSet {
 
     fn started_by(&self, event: &str) -> &[Arc<CompiledFlow>] {
         self.by_event.get(event).map(Vec::as_slice).unwrap_or(&[])
+    }
+}
+
+/// What a flow version is made of, as recorded in `flow_versions.source`: the flow file's
+/// text and the text of every template it uses. A process that restarts after the flows
+/// folder changed can rebuild the versions its waiting runs are pinned to from it
+/// ([`VersionSource::restore`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VersionSource {
+    /// Where the file was (for messages).
+    pub path: String,
+    pub text: String,
+    /// Template file (relative to `templates/`) → text.
+    pub templates: BTreeMap<String, String>,
+}
+
+impl VersionSource {
+    /// The source of `flow`: its file is read again, so it is checked against the flow's
+    /// hash when restored.
+    pub fn of(flow: &CompiledFlow) -> std::io::Result<VersionSource> {
+        Ok(VersionSource {
+            path: flow.source.display().to_string(),
+            text: std::fs::read_to_string(&flow.source)?,
+            templates: flow
+                .templates
+                .iter()
+                .map(|(file, t)| (file.clone(), t.source.as_str().to_owned()))
+                .collect(),
+        })
+    }
+
+    /// Compile the version again in a scratch folder: the flow file beside a `templates/`
+    /// folder holding its templates. `None` (with the reason) when it no longer compiles
+    /// to `version` — a different engine release may read it differently.
+    pub fn restore(
+        &self,
+        version: &str,
+        registry: &Registry,
+    ) -> std::result::Result<CompiledFlow, String> {
+        let dir = std::env::temp_dir().join(format!(
+            "canvas-version-{}-{}",
+            std::process::id(),
+            &version[..version.len().min(16)]
+        ));
+        let result = self.restore_in(&dir, version, registry);
+        let _ = std::fs::remove_dir_all(&dir);
+        result
+    }
+
+    fn restore_in(
+        &self,
+        dir: &std::path::Path,
+        version: &str,
+        registry: &Registry,
+    ) -> std::result::Result<CompiledFlow, String> {
+        let io = |e: std::io::Error| format!("writing {}: {e}", dir.display());
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir.join("templates")).map_err(io)?;
+        let name = std::path::Path::new(&self.path)
+            .file_name()
+            .map_or_else(|| "flow.yaml".into(), |n| n.to_os_string());
+        std::fs::write(dir.join(&name), &self.text).map_err(io)?;
+        for (file, text) in &self.templates {
+            let rel = std::path::Path::new(file);
+            if rel.is_absolute()
+                || rel
+                    .components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir))
+            {
+                return Err(format!(
+                    "template path `{file}` leaves the templates folder"
+                ));
+            }
+            let path = dir.join("templates").join(rel);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(io)?;
+            }
+            std::fs::write(&path, text).map_err(io)?;
+        }
+        let validation = crate::project::validate_paths(&[dir.join(&name)], registry)
+            .map_err(|e| e.to_string())?;
+        let flow = validation
+            .flows()
+            .next()
+            .cloned()
+            .ok_or_else(|| format!("{} no longer compiles", self.path))?;
+        if flow.hash.0 != version {
+            return Err(format!(
+                "{} compiles to version {} now, not {version}",
+                self.path, flow.hash.0
+            ));
+        }
+        Ok(flow)
+    }
+}
+
+/// The `flow_versions` row of `flow`: its source bundle as JSON, or only its path when the
+/// file cannot be read any more.
+pub fn version_record(flow: &CompiledFlow, now: Time) -> FlowVersion {
+    let source = match VersionSource::of(flow) {
+        Ok(src) => {
+            serde_json::to_string(&src).unwrap_or_else(|_| flow.source.display().to_string())
+        }
+        Err(e) => {
+            tracing::warn!(flow = %flow.id, "cannot read {} to record its version: {e}", flow.source.display());
+            flow.source.display().to_string()
+        }
+    };
+    FlowVersion {
+        flow: flow.id.clone(),
+        version: flow.hash.0.clone(),
+        source,
+        created_at: now,
     }
 }
 
@@ -181,19 +301,41 @@ impl<S: Store> Runtime<S> {
         }
     }
 
-    /// Record the current flow versions.
+    /// Record the current flow versions, each with its source (see [`VersionSource`]).
     pub async fn register_versions(&self, now: Time) -> Result<()> {
         let versions: Vec<FlowVersion> = self
             .flows
             .current()
-            .map(|f| FlowVersion {
-                flow: f.id.clone(),
-                version: f.hash.0.clone(),
-                source: f.source.display().to_string(),
-                created_at: now,
-            })
+            .map(|f| version_record(f, now))
             .collect();
         self.store.put_flow_versions(&versions).await
+    }
+
+    /// Rebuild, from their recorded sources, the flow versions this process has not loaded
+    /// (the flows folder changed while runs were pinned to them), so those runs carry on
+    /// after a restart. Returns `(flow, version)` of each version that could not be rebuilt,
+    /// with the reason; their runs wait until a process that knows the version takes them.
+    pub async fn restore_versions(&mut self) -> Result<Vec<(String, String, String)>> {
+        let recorded = self.store.flow_versions(None).await?;
+        let mut failed = Vec::new();
+        for v in recorded {
+            if self.flows.version(&v.version).is_some() {
+                continue;
+            }
+            let restored = serde_json::from_str::<VersionSource>(&v.source)
+                .map_err(|_| {
+                    "recorded before sources were kept (only its path is known)".to_owned()
+                })
+                .and_then(|src| src.restore(&v.version, &self.registry));
+            match restored {
+                Ok(flow) => {
+                    tracing::info!(flow = %v.flow, version = %v.version, "older version restored for its runs");
+                    self.flows.add_version(flow);
+                }
+                Err(reason) => failed.push((v.flow, v.version, reason)),
+            }
+        }
+        Ok(failed)
     }
 
     /// Apply every pending inbox item, in order, a batch of items per transaction.

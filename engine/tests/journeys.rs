@@ -386,14 +386,20 @@ async fn due_ticks_give_the_latest_missed_moment_once() {
     let all = flows(&dir());
     let runtime = Runtime::new(
         SqliteStore::memory().await.expect("memory store"),
-        FlowSet::new(all.into_iter().filter(|f| f.id == "weekly" || f.id == "lapsed")),
+        FlowSet::new(
+            all.into_iter()
+                .filter(|f| f.id == "weekly" || f.id == "lapsed"),
+        ),
         Policy::default(),
         registry(),
     );
     let since = |t: &'static str| move |_: &str| at(t);
     // Mondays 10:00 Shanghai = 02:00 UTC. 2026-03-02 is a Monday.
     let ticks = runtime.due_ticks(since("2026-03-02T01:00Z"), at("2026-03-02T01:59Z"));
-    assert!(ticks.iter().all(|(f, _)| f.id != "weekly"), "not yet Monday 10:00");
+    assert!(
+        ticks.iter().all(|(f, _)| f.id != "weekly"),
+        "not yet Monday 10:00"
+    );
     let ticks = runtime.due_ticks(since("2026-03-02T01:00Z"), at("2026-03-02T02:00Z"));
     let weekly: Vec<_> = ticks.iter().filter(|(f, _)| f.id == "weekly").collect();
     assert_eq!(weekly.len(), 1);
@@ -409,15 +415,27 @@ async fn due_ticks_give_the_latest_missed_moment_once() {
     assert_eq!(lapsed[0].1, at("2026-03-20T00:00Z"));
     // Nothing twice: counting from the last tick, nothing is due.
     let ticks = runtime.due_ticks(since("2026-03-20T00:00Z"), at("2026-03-20T00:30Z"));
-    assert!(ticks.is_empty(), "{:?}", ticks.iter().map(|(f, t)| (&f.id, t)).collect::<Vec<_>>());
+    assert!(
+        ticks.is_empty(),
+        "{:?}",
+        ticks.iter().map(|(f, t)| (&f.id, t)).collect::<Vec<_>>()
+    );
 }
 
 /// A reload publishes new and changed flows, retires removed ones, and keeps every version.
 #[test]
 fn publish_keeps_old_versions_and_retires_removed_flows() {
     let all = flows(&dir());
-    let welcome = all.iter().find(|f| f.id == "welcome").expect("welcome").clone();
-    let weekly = all.iter().find(|f| f.id == "weekly").expect("weekly").clone();
+    let welcome = all
+        .iter()
+        .find(|f| f.id == "welcome")
+        .expect("welcome")
+        .clone();
+    let weekly = all
+        .iter()
+        .find(|f| f.id == "weekly")
+        .expect("weekly")
+        .clone();
     let mut set = FlowSet::new([welcome.clone(), weekly.clone()]);
     let mut changed = welcome.clone();
     changed.hash = canvas_engine::flow::FlowHash("changed".into());
@@ -425,8 +443,14 @@ fn publish_keeps_old_versions_and_retires_removed_flows() {
     assert_eq!(published.changed, vec!["welcome".to_owned()]);
     assert_eq!(published.retired, vec!["weekly".to_owned()]);
     assert!(published.added.is_empty());
-    assert_eq!(set.get("welcome").map(|f| f.hash.0.as_str()), Some("changed"));
+    assert_eq!(
+        set.get("welcome").map(|f| f.hash.0.as_str()),
+        Some("changed")
+    );
     assert!(set.get("weekly").is_none(), "retired: no new entries");
     assert!(set.version(&weekly.hash.0).is_some(), "runs on it carry on");
-    assert!(set.version(&welcome.hash.0).is_some(), "the old welcome version stays");
+    assert!(
+        set.version(&welcome.hash.0).is_some(),
+        "the old welcome version stays"
+    );
 }

@@ -181,6 +181,9 @@ async fn serve(settings: Settings, registry: Registry) -> anyhow::Result<ExitCod
             .unwrap_or(chrono::Duration::seconds(30));
     }
     runtime.register_versions(clock.now()).await?;
+    for (flow, version, reason) in runtime.restore_versions().await? {
+        tracing::warn!(%flow, %version, "runs pinned to this version cannot move: {reason}");
+    }
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("listening on {}", settings.listen))?;

@@ -122,12 +122,7 @@ pub async fn reload(app: &App, channels: &Channels) -> anyhow::Result<Published>
     let now = app.clock.now();
     let versions: Vec<FlowVersion> = validation
         .flows()
-        .map(|f| FlowVersion {
-            flow: f.id.clone(),
-            version: f.hash.0.clone(),
-            source: f.source.display().to_string(),
-            created_at: now,
-        })
+        .map(|f| canvas_engine::runtime::version_record(f, now))
         .collect();
     app.db.put_flow_versions(&versions).await?;
     let mut published = Published::default();
