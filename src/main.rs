@@ -249,6 +249,33 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The daemon's sections of `canvas.yaml` (`server:`, `channels:`), checked without the
+/// environment: a typo in a channel should fail CI, not the deploy.
+fn daemon_sections(
+    policy: &canvas_engine::policy::Policy,
+    file: &std::path::Path,
+) -> Vec<canvas_engine::diagnostic::Diagnostic> {
+    let mut out = Vec::new();
+    if let Err(e) = policy.section::<serve::config::ServerSection>("server") {
+        out.extend(e.diagnostics);
+    }
+    match policy.section::<canvas_channels::ChannelsConfig>("channels") {
+        Err(e) => out.extend(e.diagnostics),
+        Ok(Some(channels)) => {
+            if let Err(e) = channels.validate() {
+                out.push(canvas_engine::diagnostic::Diagnostic::new(
+                    canvas_engine::diagnostic::Code::WrongType,
+                    file,
+                    None,
+                    format!("`channels:`: {e}"),
+                ));
+            }
+        }
+        Ok(None) => {}
+    }
+    out
+}
+
 /// `canvas.yaml` beside the validated folders (or one level up) is checked too: a typo in a
 /// cap should fail CI like a typo in a flow.
 fn check_policies(paths: &[PathBuf], validation: &mut canvas_engine::Validation) {
@@ -259,13 +286,17 @@ fn check_policies(paths: &[PathBuf], validation: &mut canvas_engine::Validation)
             if !file.is_file() || !seen.insert(file.clone()) {
                 continue;
             }
-            if let Err(e) = canvas_engine::policy::Policy::load(&file) {
+            let diagnostics = match canvas_engine::policy::Policy::load(&file) {
+                Err(e) => e.diagnostics,
+                Ok(policy) => daemon_sections(&policy, &file),
+            };
+            if !diagnostics.is_empty() {
                 if let Ok(text) = std::fs::read_to_string(&file) {
                     validation
                         .sources
                         .insert(file.clone(), std::sync::Arc::new(text));
                 }
-                validation.diagnostics.extend(e.diagnostics);
+                validation.diagnostics.extend(diagnostics);
             }
             break;
         }

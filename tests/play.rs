@@ -275,3 +275,33 @@ fn validate_checks_canvas_yaml_too() {
     assert!(text.contains("canvas.yaml,line=2,"), "{text}");
     assert!(text.contains("CNV0301"), "{text}");
 }
+
+#[test]
+fn validate_checks_the_daemon_sections_of_canvas_yaml() {
+    let tmp = fixture_with("none.test.yaml", "");
+    std::fs::write(
+        tmp.path().join("canvas.yaml"),
+        "server:\n  listen: 127.0.0.1:8080\n  limts: {}\nchannels:\n  sms:\n    type: webhook\n    url: http://gw.example/sms\n    timeout: 10 seconds\n",
+    )
+    .unwrap();
+    let out = canvas(&[
+        "validate",
+        "--format",
+        "github",
+        &tmp.path().to_string_lossy(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out);
+    assert!(text.contains("canvas.yaml,line=3,"), "{text}");
+    assert!(text.contains("unknown key `limts`"), "{text}");
+    assert!(text.contains("10 seconds"), "{text}");
+
+    // A correct file passes, secrets unset: they are the deploy's business.
+    std::fs::write(
+        tmp.path().join("canvas.yaml"),
+        "channels:\n  sms:\n    type: webhook\n    url: http://gw.example/sms\n    secret_env: NOT_SET_IN_CI\n",
+    )
+    .unwrap();
+    let out = canvas(&["validate", &tmp.path().to_string_lossy()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+}
