@@ -470,7 +470,8 @@ pub struct OutboxDepth {
     pub pending: u64,
     /// Pending rows whose `next_attempt_at` has come (including rows being delivered now).
     pub due: u64,
-    pub sent: u64,
+    /// Rows given up on. (Sent rows are not counted: that would read the whole table on
+    /// every scrape; `canvas_sends_total` counts them as they happen.)
     pub dead: u64,
     /// The earliest `next_attempt_at` among due rows: `now` minus it is the dispatcher's lag.
     pub oldest_due: Option<Time>,

@@ -959,7 +959,6 @@ async fn settle_sent_retry_dead(db: Arc<Database>) {
         OutboxDepth {
             pending: 4,
             due: 3,
-            sent: 0,
             dead: 0,
             oldest_due: Some(t(1)),
         }
@@ -1020,7 +1019,6 @@ async fn settle_sent_retry_dead(db: Arc<Database>) {
         OutboxDepth {
             pending: 2,
             due: 1,
-            sent: 1,
             dead: 1,
             oldest_due: Some(t(10)),
         }
@@ -1087,7 +1085,6 @@ async fn settle_sent_retry_dead(db: Arc<Database>) {
         OutboxDepth {
             pending: 1,
             due: 1,
-            sent: 2,
             dead: 1,
             oldest_due: Some(t(85)),
         }

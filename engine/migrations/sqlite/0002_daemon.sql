@@ -9,6 +9,8 @@
 ALTER TABLE outbox ADD COLUMN lease_until INTEGER; -- ms; NULL = not leased
 ALTER TABLE outbox ADD COLUMN claimed_by TEXT;     -- the dispatcher holding (or last holding) it
 ALTER TABLE outbox ADD COLUMN dead_at INTEGER;     -- ms: when the row was given up on
+-- The dead letters, for the metrics and for operators looking for them.
+CREATE INDEX outbox_dead ON outbox (dead_at) WHERE status = 'dead';
 
 -- Flows paused by an operator, through the daemon's API (what a pause holds back is the
 -- daemon's business). A flow without a row is not paused; unpausing keeps the row.

@@ -508,7 +508,6 @@ impl<'a> Settle<'a> {
 pub(crate) struct OutboxDepthRow {
     pub pending: i64,
     pub due: i64,
-    pub sent: i64,
     pub dead: i64,
     pub oldest_due: Option<i64>,
 }
@@ -519,7 +518,6 @@ impl OutboxDepthRow {
         Ok(OutboxDepth {
             pending: n(self.pending),
             due: n(self.due),
-            sent: n(self.sent),
             dead: n(self.dead),
             oldest_due: opt_time("outbox", self.oldest_due)?,
         })

@@ -939,15 +939,15 @@ impl Store for PgStore {
     }
 
     async fn outbox_depth(&self, now: Time) -> Result<OutboxDepth> {
-        // One pass over the table.
+        // Each count walks a partial index (`outbox_pending`, `outbox_dead`), never the
+        // sent rows: this runs on every metrics scrape.
         let row: OutboxDepthRow = sqlx::query_as(
-            "SELECT COUNT(*) FILTER (WHERE status = 'pending') AS pending,
-                    COUNT(*) FILTER (WHERE status = 'pending' AND next_attempt_at <= $1) AS due,
-                    COUNT(*) FILTER (WHERE status = 'sent') AS sent,
-                    COUNT(*) FILTER (WHERE status = 'dead') AS dead,
-                    MIN(next_attempt_at) FILTER (WHERE status = 'pending'
-                                                   AND next_attempt_at <= $1) AS oldest_due
-             FROM outbox",
+            "SELECT (SELECT COUNT(*) FROM outbox WHERE status = 'pending') AS pending,
+                    (SELECT COUNT(*) FROM outbox
+                      WHERE status = 'pending' AND next_attempt_at <= $1) AS due,
+                    (SELECT COUNT(*) FROM outbox WHERE status = 'dead') AS dead,
+                    (SELECT MIN(next_attempt_at) FROM outbox
+                      WHERE status = 'pending' AND next_attempt_at <= $1) AS oldest_due",
         )
         .bind(ms(now))
         .fetch_one(&self.pool)
