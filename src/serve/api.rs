@@ -482,9 +482,7 @@ async fn segment_track(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
-    authorize_write_key(&app, &headers)?;
-    let msg: Json = parse(body)?;
-    segment_ingest(&app, vec![msg], Some("track")).await
+    segment_one(&app, &headers, body, "track").await
 }
 
 async fn segment_identify(
@@ -492,9 +490,19 @@ async fn segment_identify(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
-    authorize_write_key(&app, &headers)?;
+    segment_one(&app, &headers, body, "identify").await
+}
+
+/// `/v1/track` and `/v1/identify`: one message of the kind the path names.
+async fn segment_one(
+    app: &App,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    kind: &str,
+) -> ApiResult {
+    authorize_write_key(app, headers)?;
     let msg: Json = parse(body)?;
-    segment_ingest(&app, vec![msg], Some("identify")).await
+    segment_ingest(app, vec![msg], Some(kind)).await
 }
 
 async fn segment_ingest(app: &App, messages: Vec<Json>, kind: Option<&str>) -> ApiResult {
