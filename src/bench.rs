@@ -44,6 +44,9 @@ pub enum Bench {
         #[arg(long)]
         no_raw: bool,
     },
+    /// Load `canvas serve` daemons (started from this binary) over HTTP: ingestion
+    /// throughput, event-to-outbox latency, delivery rate, and scale-out over Postgres.
+    Serve(crate::bench_serve::Args),
 }
 
 pub fn run(bench: Bench, registry: &Registry) -> anyhow::Result<ExitCode> {
@@ -60,6 +63,7 @@ pub fn run(bench: Bench, registry: &Registry) -> anyhow::Result<ExitCode> {
             batch,
             no_raw,
         } => crate::bench_engine::run(customers, database, batch.max(1), !no_raw, registry),
+        Bench::Serve(args) => crate::bench_serve::run(args),
     }
 }
 

@@ -3,6 +3,7 @@
 mod batch;
 mod bench;
 mod bench_engine;
+mod bench_serve;
 mod output;
 mod play;
 mod serve;

@@ -1,7 +1,7 @@
 //! Scale-out on Postgres: three `canvas serve` daemons share one database and are fed load
 //! through all three APIs; one is SIGKILLed midway. Every customer must end with exactly
-//! one run (no daemon enrolled anyone twice), a complete history, both messages in the
-//! outbox once, and every expected message delivered — each idempotency key received at
+//! one run per flow (no daemon applied an event twice), a complete history, all three
+//! messages in the outbox once, and every expected message delivered — each idempotency key received at
 //! the local webhook receiver, none missing, none twice before the kill. After the kill a
 //! key may arrive twice only if the killed daemon had sent it without living to record it
 //! (its lease then hands the row to another daemon, which sends it again under the same
@@ -49,6 +49,22 @@ steps:
 ";
 
 /// Per idempotency key: how many times it arrived, and when first.
+/// Ends at once: an event applied twice would start a second run of it (the entry rule only
+/// blocks a second run while the first is active).
+const GREET: &str = "flow: greet
+name: Greet
+timezone: UTC
+trigger:
+  event: joined
+steps:
+  - id: hi
+    send: sms
+    template: s/hello
+    priority: transactional
+  - id: bye
+    exit: greeted
+";
+
 type Keys = Arc<Mutex<BTreeMap<String, (usize, Instant)>>>;
 
 async fn receive(State(keys): State<Keys>, headers: HeaderMap) -> &'static str {
@@ -126,6 +142,7 @@ async fn three_daemons_one_killed_every_message_once() {
     let flows = dir.path().join("flows");
     std::fs::create_dir_all(flows.join("templates/s")).unwrap();
     std::fs::write(flows.join("two-touch.yaml"), FLOW).unwrap();
+    std::fs::write(flows.join("greet.yaml"), GREET).unwrap();
     std::fs::write(
         flows.join("templates/s/hello.txt"),
         "Hello {{ customer.first_name }}\n",
@@ -174,7 +191,7 @@ channels:
         .await;
         assert_eq!(s, 202);
     }
-    let expected = 2 * CUSTOMERS;
+    let expected = 3 * CUSTOMERS;
     let mut killed = false;
     let mut killed_at = None;
     for chunk in 0..CUSTOMERS / 50 {
@@ -253,8 +270,8 @@ channels:
     );
 
     assert!(
-        runs_per_customer.values().all(|n| *n == 1),
-        "a customer was enrolled twice: {:?}",
+        runs_per_customer.values().all(|n| *n == 2),
+        "an event was applied twice (or a customer missed): {:?}",
         runs_per_customer
             .iter()
             .filter(|(_, n)| **n != 1)
@@ -264,7 +281,7 @@ channels:
     assert_eq!(
         outbox.len(),
         expected,
-        "two outbox rows per customer, once each"
+        "three outbox rows per customer, once each"
     );
     assert_eq!(
         received_keys, expected_keys,
@@ -279,9 +296,13 @@ channels:
             .push(h.step.as_str());
     }
     assert_eq!(steps.len(), CUSTOMERS);
+    for s in steps.values_mut() {
+        s.sort_unstable();
+    }
     let first = steps.values().next().unwrap().clone();
-    assert_eq!(first.first(), Some(&"hello"));
-    assert_eq!(first.last(), Some(&"done"));
+    for step in ["hello", "again", "done", "hi", "bye"] {
+        assert!(first.contains(&step), "{first:?}");
+    }
     assert!(steps.values().all(|s| *s == first), "histories differ");
     // Repeats can only be rows the killed daemon sent but had not recorded: every repeated
     // key first arrived before the kill.

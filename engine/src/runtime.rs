@@ -376,6 +376,16 @@ impl<S: Store> Runtime<S> {
                 skipped.extend(ids.iter().filter(|id| !held.contains(*id)).cloned());
                 ids.retain(|id| held.contains(id));
                 pending.retain(|(_, i)| held.contains(i.customer_id()));
+                // Items read before the lease may have been applied by the process that
+                // held these customers until now: keep only what is still unapplied.
+                let seqs: Vec<i64> = pending.iter().map(|(seq, _)| *seq).collect();
+                let unapplied: HashSet<i64> = self
+                    .store
+                    .inbox_unapplied(&seqs)
+                    .await?
+                    .into_iter()
+                    .collect();
+                pending.retain(|(seq, _)| unapplied.contains(seq));
                 if ids.is_empty() {
                     continue;
                 }

@@ -98,6 +98,12 @@ pub trait Store: Clone + Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<(i64, InboxItem)>>> + Send;
 
+    /// Which of these inbox items are still unapplied. With several processes, a round
+    /// reads its items before it leases their customers; another process may have applied
+    /// them in between, and this is how the round finds out (after the lease, nobody else
+    /// can apply them any more).
+    fn inbox_unapplied(&self, seqs: &[i64]) -> impl Future<Output = Result<Vec<i64>>> + Send;
+
     /// The state of these customers; customers unknown to the store are left out.
     fn load(
         &self,
@@ -372,6 +378,10 @@ impl Store for Database {
         limit: usize,
     ) -> Result<Vec<(i64, InboxItem)>> {
         delegate!(self, s => s.inbox_pending(after, limit))
+    }
+
+    async fn inbox_unapplied(&self, seqs: &[i64]) -> Result<Vec<i64>> {
+        delegate!(self, s => s.inbox_unapplied(seqs))
     }
 
     async fn load(&self, customer_ids: &[String], now: Time) -> Result<Vec<CustomerState>> {

@@ -637,6 +637,18 @@ impl Store for PgStore {
         rows.into_iter().map(InboxRow::into_item).collect()
     }
 
+    async fn inbox_unapplied(&self, seqs: &[i64]) -> Result<Vec<i64>> {
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(sqlx::query_scalar(
+            "SELECT seq FROM inbox WHERE seq = ANY($1::int8[]) AND applied_at IS NULL",
+        )
+        .bind(seqs)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     async fn load(&self, customer_ids: &[String], now: Time) -> Result<Vec<CustomerState>> {
         if customer_ids.is_empty() {
             return Ok(Vec::new());

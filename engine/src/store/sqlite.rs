@@ -672,6 +672,24 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn inbox_unapplied(&self, seqs: &[i64]) -> Result<Vec<i64>> {
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let list = serde_json::to_string(seqs).map_err(|e| StoreError::Corrupt {
+            table: "inbox",
+            message: e.to_string(),
+        })?;
+        let text: String = sqlx::query_scalar(
+            "SELECT json_group_array(seq) FROM inbox
+             WHERE seq IN (SELECT value FROM json_each(?1)) AND applied_at IS NULL",
+        )
+        .bind(list)
+        .fetch_one(&self.write)
+        .await?;
+        parse_rows("inbox", &text)
+    }
+
     async fn load(&self, customer_ids: &[String], now: Time) -> Result<Vec<CustomerState>> {
         if customer_ids.is_empty() {
             return Ok(Vec::new());
