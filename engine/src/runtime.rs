@@ -146,11 +146,13 @@ impl VersionSource {
         version: &str,
         registry: &Registry,
     ) -> std::result::Result<CompiledFlow, String> {
-        let dir = std::env::temp_dir().join(format!(
-            "canvas-version-{}-{}",
-            std::process::id(),
-            &version[..version.len().min(16)]
-        ));
+        // The version is a hex hash; keep only safe characters for the folder name.
+        let tag: String = version
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(16)
+            .collect();
+        let dir = std::env::temp_dir().join(format!("canvas-version-{}-{tag}", std::process::id()));
         let result = self.restore_in(&dir, version, registry);
         let _ = std::fs::remove_dir_all(&dir);
         result

@@ -720,7 +720,14 @@ async fn get_flow(
         .flows
         .get(&id)
         .ok_or_else(|| ApiError::not_found(format!("no flow `{id}`")))?;
-    let versions = app.db.flow_versions(Some(&id)).await?;
+    // The recorded sources (flow and template texts) stay out of the answer.
+    let versions: Vec<Json> = app
+        .db
+        .flow_versions(Some(&id))
+        .await?
+        .iter()
+        .map(|v| json!({ "version": v.version, "created_at": v.created_at }))
+        .collect();
     let waiting = app.db.node_counts(Some(&id)).await?;
     let counts = app.db.flow_counts(Some(&id)).await?;
     let arms = app.db.goal_report(Some(&id)).await?;
