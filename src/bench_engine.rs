@@ -151,8 +151,6 @@ async fn bench(
             validation.diagnostics
         );
     };
-    let _ = std::fs::remove_dir_all(&dir);
-
     let fresh_db = fresh(database.as_deref(), "engine").await?;
     let label = fresh_db.label.clone();
     // A weekday morning, UTC customers: no quiet hours, caps leave room for two sends a day
@@ -165,7 +163,10 @@ async fn bench(
         registry.clone(),
     );
     runtime.batch_size = batch;
-    runtime.register_versions(t0).await?;
+    // Recording a version reads its file: remove the scratch folder only afterwards.
+    let registered = runtime.register_versions(t0).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    registered?;
 
     // Set-up, not timed: profiles, then the events that enrol them.
     let setup = bar(2 * n as u64, "loading customers");
