@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use canvas_engine::Registry;
 use canvas_engine::policy::Policy;
-use canvas_engine::runtime::{FlowSet, Runtime};
+use canvas_engine::runtime::{FlowSet, Pace, Runtime};
 use canvas_engine::state::{Event, InboxItem, ProfileUpdate, Time};
 use canvas_engine::store::{Database, Store};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -215,7 +215,7 @@ async fn bench(
     let enrol = bar(n as u64, "enrol, send, wait");
     let started = Instant::now();
     let first = runtime
-        .process_inbox_with(t0, |round| enrol.inc(round.items))
+        .process_inbox_with(Pace::at(t0), |round| enrol.inc(round.items))
         .await?;
     let enrol_secs = started.elapsed().as_secs_f64();
     enrol.finish_and_clear();
@@ -227,7 +227,7 @@ async fn bench(
     let started = Instant::now();
     // Each customer takes three steps in this phase: branch, send, exit.
     let second = runtime
-        .fire_due_with(t1, |round| fire.inc(round.transitions / 3))
+        .fire_due_with(Pace::at(t1), |round| fire.inc(round.transitions / 3))
         .await?;
     let fire_secs = started.elapsed().as_secs_f64();
     fire.finish_and_clear();

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use canvas_engine::Registry;
 use canvas_engine::clock::{Clock, SystemClock};
-use canvas_engine::runtime::{FlowSet, Runtime, Stats};
+use canvas_engine::runtime::{FlowSet, Pace, Runtime, Stats};
 use canvas_engine::state::Time;
 use canvas_engine::store::{Database, Store};
 use tokio::sync::{Notify, watch};
@@ -29,16 +29,23 @@ pub use config::ServeArgs;
 use config::Settings;
 use metrics::Metrics;
 
-/// The longest the engine loop sleeps: it rereads paused flows and catches work another
-/// daemon enqueued at least this often.
+/// The longest the engine loop sleeps: it catches work another daemon enqueued at least
+/// this often.
 const MAX_IDLE: Duration = Duration::from_millis(500);
+/// How long each phase of an engine pass (due timers, then the inbox) may take before the
+/// pass moves on: under any inbox backlog, timers are served and reloaded flows picked up
+/// within about twice this.
+const PHASE_BUDGET: Duration = Duration::from_millis(200);
+/// How often the paused flows are read from the database, for pauses made through another
+/// daemon (a pause through this one applies at once).
+const PAUSE_POLL: Duration = Duration::from_millis(200);
 
 /// What the API handlers and the loops share.
 pub struct App {
     pub db: Database,
     engine: RwLock<Arc<Runtime<Database>>>,
-    /// Held while a new engine is built from the current one, so a reload and a change of
-    /// paused flows never undo each other.
+    /// Held while a new engine is built from the current one, so two reloads never undo
+    /// each other.
     swap_lock: Mutex<()>,
     /// Woken when the inbox has new items.
     pub wake: Notify,
@@ -76,17 +83,13 @@ impl App {
         }
     }
 
-    /// Re-read the paused flows from the database (several daemons share them); swap the
-    /// engine when they changed.
+    /// Re-read the paused flows from the database (several daemons share them). Every
+    /// engine shares one paused set and reads it each round, so this takes effect at once.
     async fn refresh_paused(&self) -> anyhow::Result<()> {
         let paused: HashSet<String> = self.db.paused_flows().await?.into_iter().collect();
-        self.update(|engine| {
-            (engine.paused != paused).then(|| {
-                let mut next = successor(engine, engine.flows.clone(), engine.policy.clone());
-                next.paused = paused;
-                next
-            })
-        });
+        if self.engine().paused.replace(paused) {
+            tracing::info!(paused = ?self.engine().paused.names(), "paused flows changed");
+        }
         Ok(())
     }
 }
@@ -205,6 +208,7 @@ async fn serve(settings: Settings, registry: Registry) -> anyhow::Result<ExitCod
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     let engine = tokio::spawn(engine_loop(app.clone(), stop_rx.clone()));
+    let pauses = tokio::spawn(pause_watch(app.clone(), stop_rx.clone()));
     let flow_watch = reload::watch(&app.settings.flows)?;
     let watcher = tokio::spawn(reload::watch_flows(
         app.clone(),
@@ -234,6 +238,7 @@ async fn serve(settings: Settings, registry: Registry) -> anyhow::Result<ExitCod
     engine.await.context("the engine task")?;
     dispatcher.await.context("the dispatcher task")?;
     watcher.await.context("the flow watcher task")?;
+    pauses.await.context("the pause watcher task")?;
     eprintln!("canvas serve: stopped");
     Ok(ExitCode::SUCCESS)
 }
@@ -276,18 +281,28 @@ async fn engine_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
         if *stop.borrow() {
             break;
         }
-        let now = app.clock.now();
-        match pass(&app, &mut last_fire, now).await {
-            Ok(()) => failures = 0,
+        // Timers that come due while the pass runs are caught by `next_due` below.
+        let started = app.clock.now();
+        let more = match pass(&app, &mut last_fire).await {
+            Ok(more) => {
+                failures = 0;
+                more
+            }
             Err(e) => {
                 failures = failures.saturating_add(1);
                 tracing::error!("engine pass failed (attempt {failures}): {e:#}");
+                false
             }
+        };
+        if more {
+            // The pass stopped at its budget with work left: straight on with the next.
+            tokio::task::yield_now().await;
+            continue;
         }
         let pause = if failures > 0 {
             Duration::from_millis(200u64.saturating_mul(1 << failures.min(5)))
         } else {
-            match app.engine().next_due(now).await {
+            match app.engine().next_due(started).await {
                 Ok(Some(t)) => (t - app.clock.now()).to_std().unwrap_or(Duration::ZERO),
                 _ => MAX_IDLE,
             }
@@ -301,20 +316,32 @@ async fn engine_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-async fn pass(app: &App, last_fire: &mut HashMap<String, Time>, now: Time) -> anyhow::Result<()> {
-    let stats = engine_pass(app, last_fire, now).await?;
+/// One engine pass; whether work was left for the next.
+async fn pass(app: &App, last_fire: &mut HashMap<String, Time>) -> anyhow::Result<bool> {
+    let stats = engine_pass(app, last_fire).await?;
     if stats.outbox > 0 {
         app.outbox_wake.notify_one();
     }
-    Ok(())
+    Ok(stats.more)
 }
 
-async fn engine_pass(
-    app: &App,
-    last_fire: &mut HashMap<String, Time>,
-    now: Time,
-) -> anyhow::Result<Stats> {
-    app.refresh_paused().await?;
+/// Keep the shared paused set in step with the database.
+async fn pause_watch(app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    loop {
+        if let Err(e) = app.refresh_paused().await {
+            tracing::warn!("reading paused flows failed: {e:#}");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(PAUSE_POLL) => {}
+            _ = stop.changed() => {}
+        }
+        if *stop.borrow() {
+            break;
+        }
+    }
+}
+
+async fn engine_pass(app: &App, last_fire: &mut HashMap<String, Time>) -> anyhow::Result<Stats> {
     let engine = app.engine();
     let m = &app.metrics;
     let observe = |phase: &'static str| {
@@ -327,9 +354,13 @@ async fn engine_pass(
             let _ = s;
         }
     };
+    let budget = chrono::Duration::from_std(PHASE_BUDGET).unwrap_or(chrono::Duration::MAX);
     let mut stats = Stats::default();
-    stats.add(engine.fire_due_with(now, observe("timers")).await?);
-    stats.add(engine.process_inbox_with(now, observe("inbox")).await?);
+    let timers = Pace::live(&*app.clock, budget);
+    stats.add(engine.fire_due_with(timers, observe("timers")).await?);
+    let inbox = Pace::live(&*app.clock, budget);
+    stats.add(engine.process_inbox_with(inbox, observe("inbox")).await?);
+    let now = app.clock.now();
     // Schedules and segment rechecks: each (flow, moment) is claimed in the database, so
     // with several daemons exactly one enters the audience.
     for flow in engine.flows.current() {

@@ -5,10 +5,11 @@
 //! daemon, `canvas simulate` and `canvas test` share it.
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use chrono::Utc;
 
+use crate::clock::Clock;
 use crate::eval::{self, Scope};
 use crate::executor::{self, Ctx, Input};
 use crate::flow::{CompiledFlow, Trigger};
@@ -40,6 +41,8 @@ pub struct Stats {
     pub commits: u64,
     /// `call` rows written this round, for a caller that answers calls in-process.
     pub calls: Vec<OutboxRow>,
+    /// The pass stopped at the end of its [`Pace`] budget with work still waiting.
+    pub more: bool,
 }
 
 impl Stats {
@@ -50,6 +53,84 @@ impl Stats {
         self.outbox += other.outbox;
         self.commits += other.commits;
         self.calls.extend(other.calls);
+        self.more |= other.more;
+    }
+}
+
+/// Where each round of a pass takes its `now` from, and when the pass stops.
+///
+/// A batch job or a test works at one instant until everything is done ([`Pace::at`]). The
+/// daemon works in the present ([`Pace::live`]): every round reads the clock afresh, so what
+/// it records (`applied_at`, run starts, timers it fires) is never earlier than the input
+/// it applies, and a pass ends once its budget is spent, so the caller serves timers, picks
+/// up reloaded flows and comes back for the rest.
+#[derive(Clone, Copy)]
+pub struct Pace<'a> {
+    clock: Option<&'a dyn Clock>,
+    at: Time,
+    until: Option<Time>,
+}
+
+impl Pace<'static> {
+    /// Every round at `now`, until the work is done.
+    pub fn at(now: Time) -> Pace<'static> {
+        Pace {
+            clock: None,
+            at: now,
+            until: None,
+        }
+    }
+}
+
+impl<'a> Pace<'a> {
+    /// Every round at `clock`'s time; no round starts once `budget` has gone by.
+    pub fn live(clock: &'a dyn Clock, budget: chrono::Duration) -> Pace<'a> {
+        let at = clock.now();
+        Pace {
+            clock: Some(clock),
+            at,
+            until: Some(at + budget),
+        }
+    }
+
+    fn now(&self) -> Time {
+        self.clock.map_or(self.at, |c| c.now())
+    }
+
+    /// Whether the budget is spent.
+    fn spent(&self) -> bool {
+        self.until.is_some_and(|until| self.now() >= until)
+    }
+}
+
+/// The flows an operator paused, shared by a runtime and every successor built from it
+/// (hot reload swaps runtimes; a pause must hold across them). Each round reads it as it
+/// goes, so a pause takes effect at the next round, not at the next pass.
+#[derive(Debug, Clone, Default)]
+pub struct Paused(Arc<RwLock<HashSet<String>>>);
+
+impl Paused {
+    pub fn contains(&self, flow: &str) -> bool {
+        self.read().contains(flow)
+    }
+
+    /// Replace the set; whether it changed.
+    pub fn replace(&self, flows: HashSet<String>) -> bool {
+        let mut set = self.0.write().unwrap_or_else(|e| e.into_inner());
+        let changed = *set != flows;
+        *set = flows;
+        changed
+    }
+
+    /// The paused flows now, by name.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.read().iter().cloned().collect();
+        names.sort();
+        names
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashSet<String>> {
+        self.0.read().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -63,7 +144,7 @@ pub struct Runtime<S> {
     pub batch_size: usize,
     /// Flows an operator paused: nobody enters them and their timers hold (read past, left
     /// due) until they are resumed; events and call results still reach their runs.
-    pub paused: HashSet<String>,
+    pub paused: Paused,
     /// Scale-out mode (several processes on one database): this process's name. Each round
     /// then leases its customers first (`Store::claim_customers`), works only on those it
     /// got, and commits fenced by the lease; customers another process holds wait for a
@@ -83,7 +164,7 @@ impl<S: Store> Runtime<S> {
             policy,
             registry,
             batch_size: 1000,
-            paused: HashSet::new(),
+            paused: Paused::default(),
             owner: None,
             lease: chrono::Duration::seconds(30),
         }
@@ -128,17 +209,18 @@ impl<S: Store> Runtime<S> {
 
     /// Apply every pending inbox item, in order, a batch of items per transaction.
     pub async fn process_inbox(&self, now: Time) -> Result<Stats> {
-        self.process_inbox_with(now, |_| {}).await
+        self.process_inbox_with(Pace::at(now), |_| {}).await
     }
 
-    /// [`Runtime::process_inbox`], reporting each committed round to `progress`.
+    /// [`Runtime::process_inbox`] at `pace` (until its budget is spent: then `more` says
+    /// items are left), reporting each committed round to `progress`.
     ///
     /// Rounds are pipelined: while one round commits, the next is read, loaded and executed.
     /// A round that shares a customer with the round still committing waits for that commit
     /// first, so every customer's state is loaded as committed and applied in order.
     pub async fn process_inbox_with(
         &self,
-        now: Time,
+        pace: Pace<'_>,
         mut progress: impl FnMut(&Stats),
     ) -> Result<Stats> {
         let mut stats = Stats::default();
@@ -146,10 +228,17 @@ impl<S: Store> Runtime<S> {
         let mut committing: Option<Committing> = None;
         let mut skipped: HashSet<String> = HashSet::new();
         loop {
+            if pace.spent() {
+                stats.more = true;
+                break;
+            }
             let pending = self.store.inbox_pending(after, self.batch_size).await?;
             let Some(&(last, _)) = pending.last() else {
                 break;
             };
+            // Read after the items: they were committed before, so the round's time (their
+            // `applied_at`) is never earlier than their receipt.
+            let now = pace.now();
             after = Some(last);
             let mut ids = unique(pending.iter().map(|(_, i)| i.customer_id()));
             if committing.as_ref().is_some_and(|c| c.touches(&ids)) {
@@ -199,14 +288,15 @@ impl<S: Store> Runtime<S> {
 
     /// Fire every timer due at `now`.
     pub async fn fire_due(&self, now: Time) -> Result<Stats> {
-        self.fire_due_with(now, |_| {}).await
+        self.fire_due_with(Pace::at(now), |_| {}).await
     }
 
-    /// [`Runtime::fire_due`], reporting each committed round to `progress`; pipelined like
+    /// [`Runtime::fire_due`] at `pace`, each round firing what is due at its own time,
+    /// reporting each committed round to `progress`; pipelined like
     /// [`Runtime::process_inbox_with`].
     pub async fn fire_due_with(
         &self,
-        now: Time,
+        pace: Pace<'_>,
         mut progress: impl FnMut(&Stats),
     ) -> Result<Stats> {
         let mut stats = Stats::default();
@@ -215,6 +305,11 @@ impl<S: Store> Runtime<S> {
         // not loaded): left due, and read past so they never hold up the timers behind them.
         let mut stuck: HashSet<String> = HashSet::new();
         loop {
+            if pace.spent() {
+                stats.more = true;
+                break;
+            }
+            let now = pace.now();
             // Customers still committing are still due in the store: read past them too.
             let extra = committing.as_ref().map_or(0, |c| c.customers.len()) + stuck.len();
             let ids: Vec<String> = self
