@@ -171,13 +171,51 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// first, then in insertion order. They are marked leased to `owner` until
     /// `lease_until` in the same statement, so two dispatchers — tasks or daemons — never
     /// claim the same row while its lease runs. Returned in that order.
+    ///
+    /// Rows of the channels in `skip` are passed over (their channel has all the work the
+    /// dispatcher can hold for it).
     fn claim_outbox(
         &self,
         now: Time,
         limit: usize,
         owner: &str,
         lease_until: Time,
+        skip: &[String],
     ) -> impl Future<Output = Result<Vec<Delivery>>> + Send;
+
+    /// Extend to `lease_until` the leases `owner` holds on these pending rows (rows still
+    /// waiting for a channel slot, or on the wire), so nobody else claims them meanwhile.
+    /// How many were extended.
+    fn renew_outbox(
+        &self,
+        keys: &[String],
+        owner: &str,
+        lease_until: Time,
+    ) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Give back, untouched, the leases `owner` holds on these pending rows: claimable by
+    /// anyone at once, attempts unchanged.
+    fn release_outbox(
+        &self,
+        keys: &[String],
+        owner: &str,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    // ---- daemons: who is alive, and taking over the claims of those who are not ----
+
+    /// Record that `owner` is alive at `now`.
+    fn heartbeat(&self, owner: &str, now: Time) -> impl Future<Output = Result<()>> + Send;
+
+    /// Take back the claims of daemons that stopped: every outbox lease and customer lease
+    /// held by a daemon whose last heartbeat is before `dead_before` is freed at once
+    /// (rather than left to run out), and the daemon is forgotten. With `dead_before`
+    /// `None`, every claim not held by `owner` is freed — for a store only one daemon may
+    /// use (SQLite), at that daemon's start.
+    fn take_over(
+        &self,
+        owner: &str,
+        dead_before: Option<Time>,
+    ) -> impl Future<Output = Result<Takeover>> + Send;
 
     /// Record how deliveries went, all in one transaction, and release their leases. Only
     /// pending rows change: an outcome that arrives after another dispatcher settled the row
@@ -252,6 +290,23 @@ pub trait Store: Clone + Send + Sync + 'static {
         ids: &[String],
         owner: &str,
     ) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// What [`Store::take_over`] freed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Takeover {
+    /// The daemons whose claims were taken over (empty when `dead_before` was `None`).
+    pub daemons: Vec<String>,
+    /// Outbox rows whose lease was freed.
+    pub outbox: u64,
+    /// Customer leases freed.
+    pub customers: u64,
+}
+
+impl Takeover {
+    pub fn is_empty(&self) -> bool {
+        self.daemons.is_empty() && self.outbox == 0 && self.customers == 0
+    }
 }
 
 /// Runs and conversions of one arm of one flow; the lift of a holdout is the treated
@@ -438,8 +493,25 @@ impl Store for Database {
         limit: usize,
         owner: &str,
         lease_until: Time,
+        skip: &[String],
     ) -> Result<Vec<Delivery>> {
-        delegate!(self, s => s.claim_outbox(now, limit, owner, lease_until))
+        delegate!(self, s => s.claim_outbox(now, limit, owner, lease_until, skip))
+    }
+
+    async fn renew_outbox(&self, keys: &[String], owner: &str, lease_until: Time) -> Result<u64> {
+        delegate!(self, s => s.renew_outbox(keys, owner, lease_until))
+    }
+
+    async fn release_outbox(&self, keys: &[String], owner: &str) -> Result<()> {
+        delegate!(self, s => s.release_outbox(keys, owner))
+    }
+
+    async fn heartbeat(&self, owner: &str, now: Time) -> Result<()> {
+        delegate!(self, s => s.heartbeat(owner, now))
+    }
+
+    async fn take_over(&self, owner: &str, dead_before: Option<Time>) -> Result<Takeover> {
+        delegate!(self, s => s.take_over(owner, dead_before))
     }
 
     async fn settle_outbox(&self, outcomes: &[DeliveryOutcome]) -> Result<()> {

@@ -21,7 +21,7 @@ use super::codec::{
     FlowCountsRow, FlowVersionRow, HistoryRow, InboxRow, NodeCountRow, OutboxDbRow, OutboxDepthRow,
     RunRow, Settle, arm_str, ms, opt_ms, to_json,
 };
-use super::{Counts, NodeCount, Result, Store, StoreError};
+use super::{Counts, NodeCount, Result, Store, StoreError, Takeover};
 use crate::state::{
     Batch, Conversion, Customer, CustomerState, Delivery, DeliveryOutcome, DeliveryState,
     Enrolment, FlowCounts, FlowVersion, HistoryEntry, InboxItem, OutboxDepth, OutboxRow, Run, Time,
@@ -318,6 +318,7 @@ UPDATE outbox SET lease_until = $3, claimed_by = $4
 WHERE key IN (SELECT key FROM outbox
               WHERE status = 'pending' AND next_attempt_at <= $1
                 AND (lease_until IS NULL OR lease_until < $1)
+                AND NOT (channel = ANY($5::text[]))
               ORDER BY next_attempt_at, ord LIMIT $2
               FOR UPDATE SKIP LOCKED)
 RETURNING key, kind, run_id, flow, customer_id, step, channel, address, template,
@@ -899,6 +900,7 @@ impl Store for PgStore {
         limit: usize,
         owner: &str,
         lease_until: Time,
+        skip: &[String],
     ) -> Result<Vec<Delivery>> {
         if limit == 0 {
             return Ok(Vec::new());
@@ -908,9 +910,120 @@ impl Store for PgStore {
             .bind(limit_i64(limit))
             .bind(ms(lease_until))
             .bind(owner)
+            .bind(skip)
             .fetch_all(&self.pool)
             .await?;
         ClaimedRow::into_deliveries(rows)
+    }
+
+    async fn renew_outbox(&self, keys: &[String], owner: &str, lease_until: Time) -> Result<u64> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let renewed = sqlx::query(
+            "UPDATE outbox SET lease_until = $3
+             WHERE key = ANY($1::text[]) AND claimed_by = $2
+               AND status = 'pending' AND lease_until IS NOT NULL",
+        )
+        .bind(keys)
+        .bind(owner)
+        .bind(ms(lease_until))
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(renewed)
+    }
+
+    async fn release_outbox(&self, keys: &[String], owner: &str) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "UPDATE outbox SET lease_until = NULL, claimed_by = NULL
+             WHERE key = ANY($1::text[]) AND claimed_by = $2 AND status = 'pending'",
+        )
+        .bind(keys)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn heartbeat(&self, owner: &str, now: Time) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO daemons (owner, started_at, heartbeat_at) VALUES ($1, $2, $2)
+             ON CONFLICT (owner) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at",
+        )
+        .bind(owner)
+        .bind(ms(now))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn take_over(&self, owner: &str, dead_before: Option<Time>) -> Result<Takeover> {
+        let mut tx = self.pool.begin().await?;
+        // The dead daemons' rows are locked (`FOR UPDATE`), so two daemons taking over at
+        // once free each claim once; a daemon beating again meanwhile waits for this.
+        let dead: Vec<String> = match dead_before {
+            Some(t) => {
+                sqlx::query_scalar(
+                    "SELECT owner FROM daemons WHERE heartbeat_at < $1 AND owner <> $2
+                     ORDER BY owner FOR UPDATE SKIP LOCKED",
+                )
+                .bind(ms(t))
+                .bind(owner)
+                .fetch_all(&mut *tx)
+                .await?
+            }
+            None => {
+                sqlx::query_scalar(
+                    "SELECT owner FROM daemons WHERE owner <> $1 ORDER BY owner FOR UPDATE",
+                )
+                .bind(owner)
+                .fetch_all(&mut *tx)
+                .await?
+            }
+        };
+        if dead_before.is_some() && dead.is_empty() {
+            return Ok(Takeover::default());
+        }
+        // Whose claims go: the dead daemons' ($1), or (no `dead_before`) all but $2's.
+        let all = dead_before.is_none();
+        let outbox = sqlx::query(
+            "UPDATE outbox SET lease_until = NULL, claimed_by = NULL
+             WHERE status = 'pending' AND lease_until IS NOT NULL
+               AND (claimed_by = ANY($1::text[]) OR ($3 AND claimed_by IS DISTINCT FROM $2))",
+        )
+        .bind(&dead)
+        .bind(owner)
+        .bind(all)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        // Locked in id order, like every lease statement (see `CLAIM_CUSTOMERS`).
+        let customers = sqlx::query(
+            "DELETE FROM customer_leases
+             WHERE customer_id IN (SELECT customer_id FROM customer_leases
+                                   WHERE owner = ANY($1::text[]) OR ($3 AND owner <> $2)
+                                   ORDER BY customer_id FOR UPDATE)",
+        )
+        .bind(&dead)
+        .bind(owner)
+        .bind(all)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query("DELETE FROM daemons WHERE owner = ANY($1::text[])")
+            .bind(&dead)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Takeover {
+            daemons: if all { Vec::new() } else { dead },
+            outbox,
+            customers,
+        })
     }
 
     async fn settle_outbox(&self, outcomes: &[DeliveryOutcome]) -> Result<()> {

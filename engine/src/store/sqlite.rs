@@ -38,7 +38,7 @@ use super::codec::{
     FlowCountsRow, FlowVersionRow, HistoryRow, InboxRow, NodeCountRow, OutboxDbRow, OutboxDepthRow,
     RUN_COLUMNS, RunRow, Settle, arm_str, ms, opt_ms, to_json,
 };
-use super::{Counts, NodeCount, Result, Store, StoreError};
+use super::{Counts, NodeCount, Result, Store, StoreError, Takeover};
 use crate::state::{
     Batch, Conversion, Customer, CustomerState, Delivery, DeliveryOutcome, DeliveryState,
     Enrolment, FlowCounts, FlowVersion, HistoryEntry, InboxItem, OutboxDepth, OutboxRow, Run, Time,
@@ -484,6 +484,7 @@ UPDATE outbox SET lease_until = ?3, claimed_by = ?4
 WHERE rowid IN (SELECT rowid FROM outbox
                 WHERE status = 'pending' AND next_attempt_at <= ?1
                   AND (lease_until IS NULL OR lease_until < ?1)
+                  AND channel NOT IN (SELECT value FROM json_each(?5))
                 ORDER BY next_attempt_at, rowid LIMIT ?2)
 RETURNING key, kind, run_id, flow, customer_id, step, channel, address, template, payload,
           transactional, created_at, attempts, lease_until, next_attempt_at, rowid AS ord";
@@ -979,6 +980,7 @@ impl Store for SqliteStore {
         limit: usize,
         owner: &str,
         lease_until: Time,
+        skip: &[String],
     ) -> Result<Vec<Delivery>> {
         if limit == 0 {
             return Ok(Vec::new());
@@ -989,10 +991,134 @@ impl Store for SqliteStore {
             .bind(limit_i64(limit))
             .bind(ms(lease_until))
             .bind(owner)
+            .bind(string_array(skip.iter().map(String::as_str)))
             .fetch_all(&mut *tx)
             .await?;
         tx.commit().await?;
         ClaimedRow::into_deliveries(rows)
+    }
+
+    async fn renew_outbox(&self, keys: &[String], owner: &str, lease_until: Time) -> Result<u64> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.begin().await?;
+        let renewed = sqlx::query(
+            "UPDATE outbox SET lease_until = ?3
+             WHERE key IN (SELECT value FROM json_each(?1)) AND claimed_by = ?2
+               AND status = 'pending' AND lease_until IS NOT NULL",
+        )
+        .bind(string_array(keys.iter().map(String::as_str)))
+        .bind(owner)
+        .bind(ms(lease_until))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(renewed)
+    }
+
+    async fn release_outbox(&self, keys: &[String], owner: &str) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "UPDATE outbox SET lease_until = NULL, claimed_by = NULL
+             WHERE key IN (SELECT value FROM json_each(?1)) AND claimed_by = ?2
+               AND status = 'pending'",
+        )
+        .bind(string_array(keys.iter().map(String::as_str)))
+        .bind(owner)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn heartbeat(&self, owner: &str, now: Time) -> Result<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO daemons (owner, started_at, heartbeat_at) VALUES (?1, ?2, ?2)
+             ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+        )
+        .bind(owner)
+        .bind(ms(now))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn take_over(&self, owner: &str, dead_before: Option<Time>) -> Result<Takeover> {
+        let mut tx = self.begin().await?;
+        // The owners whose claims go: the dead ones, or everyone but `owner`.
+        let dead: Vec<String> = match dead_before {
+            Some(t) => {
+                sqlx::query_scalar(
+                    "SELECT owner FROM daemons WHERE heartbeat_at < ?1 AND owner <> ?2
+                     ORDER BY owner",
+                )
+                .bind(ms(t))
+                .bind(owner)
+                .fetch_all(&mut *tx)
+                .await?
+            }
+            None => Vec::new(),
+        };
+        if dead_before.is_some() && dead.is_empty() {
+            return Ok(Takeover::default());
+        }
+        let (outbox, customers) = if dead_before.is_some() {
+            let list = string_array(dead.iter().map(String::as_str));
+            let outbox = sqlx::query(
+                "UPDATE outbox SET lease_until = NULL, claimed_by = NULL
+                 WHERE status = 'pending' AND lease_until IS NOT NULL
+                   AND claimed_by IN (SELECT value FROM json_each(?1))",
+            )
+            .bind(&list)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            let customers = sqlx::query(
+                "DELETE FROM customer_leases WHERE owner IN (SELECT value FROM json_each(?1))",
+            )
+            .bind(&list)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            sqlx::query("DELETE FROM daemons WHERE owner IN (SELECT value FROM json_each(?1))")
+                .bind(&list)
+                .execute(&mut *tx)
+                .await?;
+            (outbox, customers)
+        } else {
+            let outbox = sqlx::query(
+                "UPDATE outbox SET lease_until = NULL, claimed_by = NULL
+                 WHERE status = 'pending' AND lease_until IS NOT NULL
+                   AND claimed_by IS NOT ?1",
+            )
+            .bind(owner)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            let customers = sqlx::query("DELETE FROM customer_leases WHERE owner <> ?1")
+                .bind(owner)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            sqlx::query("DELETE FROM daemons WHERE owner <> ?1")
+                .bind(owner)
+                .execute(&mut *tx)
+                .await?;
+            (outbox, customers)
+        };
+        tx.commit().await?;
+        Ok(Takeover {
+            daemons: dead,
+            outbox,
+            customers,
+        })
     }
 
     async fn settle_outbox(&self, outcomes: &[DeliveryOutcome]) -> Result<()> {

@@ -1,0 +1,236 @@
+//! The store suite's harness and fixtures, shared by `store.rs` and `store_daemon.rs`.
+
+#![allow(dead_code)] // each suite uses part of it
+
+use std::future::Future;
+use std::sync::Arc;
+
+use canvas_engine::state::{
+    Arm, Batch, Conversion, Customer, Enrolment, Event, HistoryEntry, OutboxKind, OutboxRow, Run,
+    RunStatus, SentMark, Time,
+};
+use canvas_engine::store::{Counts, Database, PgStore, Store};
+use chrono::{DateTime, Duration};
+use serde_json::{Map, json};
+
+// ---- harness ----------------------------------------------------------------------------------
+
+pub const PG_ENV: &str = "CANVAS_TEST_POSTGRES_URL";
+
+pub async fn with_sqlite<F, Fut>(test: F)
+where
+    F: FnOnce(Arc<Database>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("canvas.db").display());
+    let db = Database::connect(&url)
+        .await
+        .expect("open the SQLite store");
+    test(Arc::new(db)).await;
+}
+
+pub async fn with_postgres<F, Fut>(name: &str, test: F)
+where
+    F: FnOnce(Arc<Database>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let Ok(url) = std::env::var(PG_ENV) else {
+        eprintln!(
+            "\n!!!!! SKIPPED: {PG_ENV} is not set; the Postgres store test `{name}` did not run. \
+             Set it, e.g. {PG_ENV}=postgres://postgres@127.0.0.1:5432/test !!!!!\n"
+        );
+        return;
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .subsec_nanos();
+    let short: String = name.chars().take(24).collect();
+    let schema = format!("canvas_test_{short}_{}_{nanos}", std::process::id());
+    let store = PgStore::connect_with_schema(&url, &schema)
+        .await
+        .expect("connect to Postgres");
+    assert_eq!(store.schema(), Some(schema.as_str()));
+    let db = Arc::new(Database::Postgres(store.clone()));
+    // Run the test on a task so a failing assertion still drops the schema.
+    let outcome = tokio::spawn(test(db)).await;
+    store.close().await;
+    let admin = sqlx::PgPool::connect(&url)
+        .await
+        .expect("connect to Postgres");
+    sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+        .execute(&admin)
+        .await
+        .expect("drop the test schema");
+    admin.close().await;
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+/// Each listed `async fn NAME(db: Arc<Database>)` becomes `sqlite::NAME` and `postgres::NAME`.
+#[macro_export]
+macro_rules! store_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::with_sqlite(super::$name).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::with_postgres(stringify!($name), super::$name).await
+                }
+            )*
+        }
+    };
+}
+
+// ---- fixtures ---------------------------------------------------------------------------------
+
+/// 2026-01-01T00:00:00.123Z plus `minutes`: times carry milliseconds, which must survive.
+pub fn t(minutes: i64) -> Time {
+    DateTime::from_timestamp_millis(1_767_225_600_123).expect("time") + Duration::minutes(minutes)
+}
+
+pub fn customer(id: &str) -> Customer {
+    let mut c = Customer::new(id, t(0));
+    c.attributes = json!({
+        "name": "Lǐ \"Xiǎo\" Méi\n\\ 😀",
+        "birthday": "1990-03-14",
+        "phone": "+8613800000000",
+        "member": { "tier": "gold", "points": 12_345, "ratio": 0.1, "big": 9_007_199_254_740_993_u64 },
+        "tags": ["vip", null, true, -1.5e-7],
+        "z_last": 1,
+        "a_first": 2,
+    })
+    .as_object()
+    .expect("object")
+    .clone();
+    c.timezone = Some("Asia/Shanghai".into());
+    c.sends = vec![SentMark {
+        at: t(-60),
+        channel: "sms".into(),
+    }];
+    c.cooldowns = json!({ "gift": "2025-12-01T00:00:00Z" })
+        .as_object()
+        .expect("object")
+        .clone();
+    c
+}
+
+pub fn event(id: &str, customer_id: &str, at: Time) -> Event {
+    Event {
+        id: id.into(),
+        customer_id: customer_id.into(),
+        name: "order_paid".into(),
+        data: json!({ "order_id": "O-1", "amount": 129.5, "items": [{ "sku": "coat" }] }),
+        occurred_at: at,
+    }
+}
+
+pub fn run(customer_id: &str, flow: &str, n: u32, wake_at: Option<Time>) -> Run {
+    let mut vars = Map::new();
+    vars.insert("coupon".into(), json!("C-1"));
+    vars.insert("response".into(), json!({ "ok": true, "n": [1, 2, 3] }));
+    Run {
+        id: format!("{flow}/{customer_id}/{n}"),
+        flow: flow.into(),
+        version: "v1hash".into(),
+        customer_id: customer_id.into(),
+        status: RunStatus::Waiting,
+        step: Some("wait-order".into()),
+        wake_at,
+        waiting_for: Some("order_paid".into()),
+        vars,
+        event: Some(event(&format!("e-{customer_id}-{n}"), customer_id, t(0))),
+        arm: Arm::Control,
+        last_touch: Some("welcome".into()),
+        goal_until: Some(t(14 * 24 * 60)),
+        converted_at: None,
+        outcome: None,
+        seq: 3,
+        entered_at: t(0),
+        updated_at: t(5),
+    }
+}
+
+pub fn ended(mut r: Run, goal_until: Option<Time>, converted_at: Option<Time>) -> Run {
+    r.status = RunStatus::Ended;
+    r.step = None;
+    r.wake_at = None;
+    r.waiting_for = None;
+    r.goal_until = goal_until;
+    r.converted_at = converted_at;
+    r.outcome = Some("completed".into());
+    r.seq += 1;
+    r
+}
+
+pub fn history(r: &Run, seq: u32, step: &str) -> HistoryEntry {
+    HistoryEntry {
+        run_id: r.id.clone(),
+        seq,
+        flow: r.flow.clone(),
+        customer_id: r.customer_id.clone(),
+        step: step.into(),
+        at: t(i64::from(seq)),
+        action: "sent".into(),
+        detail: json!({ "channel": "sms", "template": "care/thanks", "why": null }),
+    }
+}
+
+pub fn outbox(r: &Run, step: &str) -> OutboxRow {
+    OutboxRow {
+        key: format!("{}/{step}", r.id),
+        kind: OutboxKind::Message,
+        run_id: r.id.clone(),
+        flow: r.flow.clone(),
+        customer_id: r.customer_id.clone(),
+        step: step.into(),
+        channel: "sms".into(),
+        address: Some("+8613800000000".into()),
+        template: Some("care/thanks".into()),
+        payload: json!({ "text": "谢谢! Thanks for your order 🎁" }),
+        transactional: false,
+        created_at: t(2),
+    }
+}
+
+pub fn enrolment(customer_id: &str, flow: &str, active_run: Option<&str>) -> Enrolment {
+    Enrolment {
+        flow: flow.into(),
+        customer_id: customer_id.into(),
+        entries: 2,
+        last_entered_at: Some(t(0)),
+        active_run: active_run.map(str::to_owned),
+        in_segment: true,
+    }
+}
+
+pub fn conversion(r: &Run) -> Conversion {
+    Conversion {
+        run_id: r.id.clone(),
+        flow: r.flow.clone(),
+        version: r.version.clone(),
+        customer_id: r.customer_id.clone(),
+        arm: r.arm,
+        last_touch: r.last_touch.clone(),
+        event_id: "e-goal".into(),
+        at: t(90),
+    }
+}
+
+pub async fn commit(db: &Database, batch: &Batch) {
+    db.commit(batch).await.expect("commit");
+}
+
+pub async fn counts(db: &Database) -> Counts {
+    db.counts().await.expect("counts")
+}
