@@ -24,7 +24,6 @@ use axum::routing::post;
 use canvas_engine::store::{Database, Store};
 use common::{Daemon, WRITE, call};
 use serde_json::json;
-use sqlx::Connection;
 
 const CUSTOMERS: usize = 600;
 
@@ -80,45 +79,6 @@ async fn receive(State(keys): State<Keys>, headers: HeaderMap) -> &'static str {
     "{}"
 }
 
-/// A fresh database on the test server; dropped afterwards.
-struct FreshDb {
-    admin: String,
-    name: String,
-    url: String,
-}
-
-impl FreshDb {
-    async fn create(base: &str) -> FreshDb {
-        let name = format!("canvas_scale_{}", std::process::id());
-        let mut conn = sqlx::PgConnection::connect(base).await.unwrap();
-        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        let (prefix, _) = base.rsplit_once('/').unwrap();
-        FreshDb {
-            admin: base.to_owned(),
-            url: format!("{prefix}/{name}"),
-            name,
-        }
-    }
-
-    async fn drop_it(self) {
-        if let Ok(mut conn) = sqlx::PgConnection::connect(&self.admin).await {
-            let _ = sqlx::query(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
-            .execute(&mut conn)
-            .await;
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_daemons_one_killed_every_message_once() {
     let Some(base) = std::env::var("CANVAS_TEST_POSTGRES_URL")
@@ -128,7 +88,7 @@ async fn three_daemons_one_killed_every_message_once() {
         eprintln!("\n*** SKIPPED: scale-out test needs CANVAS_TEST_POSTGRES_URL ***\n");
         return;
     };
-    let db = FreshDb::create(&base).await;
+    let db = common::FreshDb::create(&base, "canvas_scale").await;
 
     let keys: Keys = Arc::default();
     let app = Router::new()

@@ -185,6 +185,12 @@ impl Channels {
         self.channels.get(channel).map(|c| &c.common.retry)
     }
 
+    /// The requests per second `channel` may make, when it is rate-limited (so the daemon
+    /// claims no more of its rows than it can send within their lease).
+    pub fn rate_limit(&self, channel: &str) -> Option<f64> {
+        self.channels.get(channel).and_then(|c| c.common.rate_limit)
+    }
+
     /// The per-request timeout of `channel` (so the daemon can size its claim lease).
     pub fn timeout(&self, channel: &str) -> Option<Duration> {
         self.channels.get(channel).map(|c| c.common.timeout)

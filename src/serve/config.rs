@@ -64,6 +64,9 @@ pub struct LeasesSpec {
     /// daemon that died is delivered by another after this long. Must exceed the time a
     /// row can wait for its channel's rate limit plus the request itself.
     pub outbox: Option<String>,
+    /// How long a daemon's heartbeat may be silent before the others take over its claims
+    /// (default 5s). Daemons beat every fifth of this.
+    pub dead_after: Option<String>,
 }
 
 /// A bearer token: its scope, and its value in an environment variable (`env`) or, for a
@@ -118,6 +121,7 @@ pub struct Settings {
     pub max_batch: usize,
     pub customer_lease: std::time::Duration,
     pub outbox_lease: std::time::Duration,
+    pub dead_after: std::time::Duration,
 }
 
 impl Settings {
@@ -215,6 +219,7 @@ impl Settings {
         };
         let customer_lease = lease("customers", &section.leases.customers, 30)?;
         let outbox_lease = lease("outbox", &section.leases.outbox, 120)?;
+        let dead_after = lease("dead_after", &section.leases.dead_after, 5)?;
         Ok(Settings {
             flows,
             config,
@@ -227,6 +232,7 @@ impl Settings {
             max_batch,
             customer_lease,
             outbox_lease,
+            dead_after,
         })
     }
 }

@@ -8,7 +8,7 @@
 //! A `call` row's response is fed back into the inbox as the run's call result before the
 //! row is marked sent; a call that fails for good answers the run with `{"error": …}`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -95,6 +95,66 @@ fn jitter(key: &str, attempts: u32) -> f64 {
 
 type Attempt = (Delivery, Result<Delivered, DeliveryError>);
 
+/// The rows this dispatcher holds (claimed, not yet settled), by channel, and how many each
+/// channel may hold: no more than it can send within half its lease, so a rate-limited
+/// channel's rows never wait out their lease in the queue (and get claimed again, and sent
+/// twice), and a slow channel cannot fill every slot while the others wait.
+struct Held {
+    keys: HashMap<String, String>,
+    per_channel: HashMap<String, usize>,
+    caps: HashMap<String, usize>,
+}
+
+impl Held {
+    fn new(channels: &Channels, lease: Duration) -> Held {
+        let caps = channels
+            .names()
+            .map(|(name, _)| {
+                let cap = channels.rate_limit(name).map_or(MAX_IN_FLIGHT, |rate| {
+                    ((rate * lease.as_secs_f64() / 2.0).floor() as usize).clamp(1, MAX_IN_FLIGHT)
+                });
+                (name.to_owned(), cap)
+            })
+            .collect();
+        Held {
+            keys: HashMap::new(),
+            per_channel: HashMap::new(),
+            caps,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    fn has_room(&self, channel: &str) -> bool {
+        let cap = self.caps.get(channel).copied().unwrap_or(MAX_IN_FLIGHT);
+        self.per_channel.get(channel).copied().unwrap_or(0) < cap
+    }
+
+    /// The channels with no room left, for the claim to pass over.
+    fn full(&self) -> Vec<String> {
+        self.per_channel
+            .keys()
+            .filter(|c| !self.has_room(c))
+            .cloned()
+            .collect()
+    }
+
+    fn insert(&mut self, key: &str, channel: &str) {
+        self.keys.insert(key.to_owned(), channel.to_owned());
+        *self.per_channel.entry(channel.to_owned()).or_default() += 1;
+    }
+
+    fn remove(&mut self, key: &str) {
+        if let Some(channel) = self.keys.remove(key)
+            && let Some(n) = self.per_channel.get_mut(&channel)
+        {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
 pub async fn run(
     app: Arc<App>,
     channels: Arc<Channels>,
@@ -107,6 +167,13 @@ pub async fn run(
     let mut last_settle = Instant::now();
     let mut stopping = false;
     let mut failures = 0u32;
+    // How long a claimed row belongs to this daemon before another may take it; held rows
+    // are renewed every third of it.
+    let lease_std = app.settings.outbox_lease;
+    let lease = chrono::Duration::from_std(lease_std).unwrap_or(chrono::Duration::MAX);
+    let renew_every = lease_std / 3;
+    let mut last_renew = Instant::now();
+    let mut held = Held::new(&channels, lease_std);
     loop {
         if *stop.borrow() && !stopping {
             stopping = true;
@@ -114,22 +181,29 @@ pub async fn run(
             channels.close();
         }
         let mut claimed_any = false;
-        if !stopping && in_flight.len() < MAX_IN_FLIGHT / 2 {
+        if !stopping && held.len() < MAX_IN_FLIGHT / 2 {
             let now = app.clock.now();
-            // How long a claimed row belongs to this daemon before another may take it.
-            let lease = chrono::Duration::from_std(app.settings.outbox_lease)
-                .unwrap_or(chrono::Duration::MAX);
             match app
                 .db
-                .claim_outbox(now, MAX_IN_FLIGHT - in_flight.len(), &owner, now + lease)
+                .claim_outbox(
+                    now,
+                    MAX_IN_FLIGHT - held.len(),
+                    &owner,
+                    now + lease,
+                    &held.full(),
+                )
                 .await
             {
                 Ok(rows) => {
                     failures = 0;
                     claimed_any = !rows.is_empty();
-                    let paused = app.engine().paused.clone();
+                    let mut give_back = Vec::new();
                     for d in rows {
-                        if paused.contains(&d.row.flow) {
+                        if held.keys.contains_key(&d.row.key) {
+                            // Already on its way here: never a second attempt at once.
+                            continue;
+                        }
+                        if app.engine().paused.contains(&d.row.flow) {
                             outcomes.push(DeliveryOutcome::Retry {
                                 key: d.row.key.clone(),
                                 attempts: d.attempts,
@@ -140,15 +214,35 @@ pub async fn run(
                             });
                             continue;
                         }
+                        if !held.has_room(&d.row.channel) {
+                            // The claim took more of this channel than it can send within
+                            // the lease: hand the rest back for later (or another daemon).
+                            give_back.push(d.row.key.clone());
+                            continue;
+                        }
+                        held.insert(&d.row.key, &d.row.channel);
                         let channels = channels.clone();
+                        let clock = app.clock.clone();
                         in_flight.spawn(async move {
-                            let msg = message(&d.row, now);
                             let result = match channels.acquire(&d.row.channel).await {
-                                Ok(_permit) => channels.deliver(&d.row.channel, &msg).await,
+                                Ok(_permit) => {
+                                    // Signed with the attempt's time, not the claim's: a
+                                    // row may have waited for its slot.
+                                    let msg = message(&d.row, clock.now());
+                                    channels.deliver(&d.row.channel, &msg).await
+                                }
                                 Err(e) => Err(e),
                             };
                             (d, result)
                         });
+                    }
+                    if !give_back.is_empty()
+                        && let Err(e) = app.db.release_outbox(&give_back, &owner).await
+                    {
+                        tracing::warn!(
+                            rows = give_back.len(),
+                            "handing back rows failed; their lease runs out instead: {e}"
+                        );
                     }
                 }
                 Err(e) => {
@@ -157,7 +251,18 @@ pub async fn run(
                 }
             }
         }
-        let can_claim = !stopping && in_flight.len() < MAX_IN_FLIGHT / 2;
+        if !held.keys.is_empty() && last_renew.elapsed() >= renew_every {
+            let keys: Vec<String> = held.keys.keys().cloned().collect();
+            match app
+                .db
+                .renew_outbox(&keys, &owner, app.clock.now() + lease)
+                .await
+            {
+                Ok(_) => last_renew = Instant::now(),
+                Err(e) => tracing::warn!("renewing outbox leases failed; will retry: {e}"),
+            }
+        }
+        let can_claim = !stopping && held.len() < MAX_IN_FLIGHT / 2;
         if !(claimed_any && can_claim) {
             // Wait for a result, new work, a settle deadline or shutdown.
             let sleep_for = if !outcomes.is_empty() {
@@ -170,7 +275,10 @@ pub async fn run(
             tokio::select! {
                 Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
                     match done {
-                        Ok(attempt) => record(&app, &channels, attempt, &mut outcomes, &mut answers),
+                        Ok(attempt) => {
+                            held.remove(&attempt.0.row.key);
+                            record(&app, &channels, attempt, &mut outcomes, &mut answers);
+                        }
                         Err(e) => tracing::error!("a delivery task failed: {e}"),
                     }
                 }
@@ -182,7 +290,10 @@ pub async fn run(
         // Take whatever else finished meanwhile.
         while let Some(done) = in_flight.try_join_next() {
             match done {
-                Ok(attempt) => record(&app, &channels, attempt, &mut outcomes, &mut answers),
+                Ok(attempt) => {
+                    held.remove(&attempt.0.row.key);
+                    record(&app, &channels, attempt, &mut outcomes, &mut answers);
+                }
                 Err(e) => tracing::error!("a delivery task failed: {e}"),
             }
         }

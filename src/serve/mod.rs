@@ -7,6 +7,7 @@
 mod api;
 pub mod config;
 mod dispatch;
+mod liveness;
 mod metrics;
 mod reload;
 
@@ -166,9 +167,6 @@ fn load_channels(
 async fn serve(settings: Settings, registry: Registry) -> anyhow::Result<ExitCode> {
     let flows = load_flows(&settings.flows, &registry)?;
     let channels = Arc::new(load_channels(&settings, &flows)?);
-    let db = Database::connect(&settings.database)
-        .await
-        .with_context(|| format!("opening {}", settings.database))?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let owner = format!(
         "{}:{}:{}",
@@ -176,6 +174,11 @@ async fn serve(settings: Settings, registry: Registry) -> anyhow::Result<ExitCod
         std::process::id(),
         clock.now().timestamp_millis()
     );
+    let _sqlite_lock = liveness::lock_sqlite(&settings.database, &owner)?;
+    let db = Database::connect(&settings.database)
+        .await
+        .with_context(|| format!("opening {}", settings.database))?;
+    liveness::take_over_at_start(&db, &owner, clock.now()).await?;
     let mut runtime = Runtime::new(db.clone(), flows, settings.policy.clone(), registry);
     if matches!(db, Database::Postgres(_)) {
         // Other daemons may share this database: lease customers per round.
@@ -216,6 +219,7 @@ async fn serve(settings: Settings, registry: Registry) -> anyhow::Result<ExitCod
         flow_watch,
         stop_rx.clone(),
     ));
+    let alive = tokio::spawn(liveness::run(app.clone(), owner.clone(), stop_rx.clone()));
     let dispatcher = tokio::spawn(dispatch::run(app.clone(), channels, owner, stop_rx.clone()));
     let router = api::router(app.clone());
     // Operators and tests read this line to learn the address (`--listen 127.0.0.1:0`).
@@ -239,6 +243,7 @@ async fn serve(settings: Settings, registry: Registry) -> anyhow::Result<ExitCod
     dispatcher.await.context("the dispatcher task")?;
     watcher.await.context("the flow watcher task")?;
     pauses.await.context("the pause watcher task")?;
+    alive.await.context("the heartbeat task")?;
     eprintln!("canvas serve: stopped");
     Ok(ExitCode::SUCCESS)
 }

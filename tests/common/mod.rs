@@ -247,3 +247,107 @@ pub async fn until(url: &str, done: impl Fn(&Value) -> bool) -> Value {
 pub fn error_code(body: &Value) -> &str {
     body["error"]["code"].as_str().unwrap_or("<no error code>")
 }
+
+/// The Postgres server the tests use: `CANVAS_TEST_POSTGRES_URL`, else the local server at
+/// its standard address (a test that cannot reach it fails; it never passes unrun).
+pub fn pg_base() -> String {
+    std::env::var("CANVAS_TEST_POSTGRES_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// A fresh database on the test server; dropped afterwards.
+pub struct FreshDb {
+    admin: String,
+    name: String,
+    pub url: String,
+}
+
+impl FreshDb {
+    pub async fn create(base: &str, prefix: &str) -> FreshDb {
+        use sqlx::Connection;
+        let name = format!("{prefix}_{}", std::process::id());
+        let mut conn = sqlx::PgConnection::connect(base)
+            .await
+            .unwrap_or_else(|e| panic!("Postgres at {base} must be reachable: {e}"));
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let (prefix, _) = base.rsplit_once('/').unwrap();
+        FreshDb {
+            admin: base.to_owned(),
+            url: format!("{prefix}/{name}"),
+            name,
+        }
+    }
+
+    pub async fn drop_it(self) {
+        use sqlx::Connection;
+        if let Ok(mut conn) = sqlx::PgConnection::connect(&self.admin).await {
+            let _ = sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .execute(&mut conn)
+            .await;
+        }
+    }
+}
+
+/// Read-only SQL on a daemon's database (SQLite file or Postgres), for what the API does
+/// not show. Queries must read the same on both.
+pub enum Peek {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+impl Peek {
+    pub async fn connect(url: &str) -> Peek {
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            let options = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(path)
+                .read_only(true);
+            Peek::Sqlite(sqlx::SqlitePool::connect_with(options).await.unwrap())
+        } else {
+            Peek::Postgres(sqlx::PgPool::connect(url).await.unwrap())
+        }
+    }
+
+    /// One integer (a `COUNT(*)`, a `MAX`, …; `NULL` reads 0).
+    pub async fn number(&self, sql: &str) -> i64 {
+        let v: Option<i64> = match self {
+            Peek::Sqlite(p) => sqlx::query_scalar(sql).fetch_one(p).await.unwrap(),
+            Peek::Postgres(p) => sqlx::query_scalar(sql).fetch_one(p).await.unwrap(),
+        };
+        v.unwrap_or(0)
+    }
+
+    /// Rows of two integers.
+    pub async fn pairs(&self, sql: &str) -> Vec<(i64, i64)> {
+        match self {
+            Peek::Sqlite(p) => sqlx::query_as(sql).fetch_all(p).await.unwrap(),
+            Peek::Postgres(p) => sqlx::query_as(sql).fetch_all(p).await.unwrap(),
+        }
+    }
+
+    /// One column of text.
+    pub async fn strings(&self, sql: &str) -> Vec<String> {
+        match self {
+            Peek::Sqlite(p) => sqlx::query_scalar(sql).fetch_all(p).await.unwrap(),
+            Peek::Postgres(p) => sqlx::query_scalar(sql).fetch_all(p).await.unwrap(),
+        }
+    }
+
+    pub async fn close(self) {
+        match self {
+            Peek::Sqlite(p) => p.close().await,
+            Peek::Postgres(p) => p.close().await,
+        }
+    }
+}

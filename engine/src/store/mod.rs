@@ -344,11 +344,7 @@ impl Database {
         if url == "sqlite::memory:" || url == "sqlite://:memory:" {
             return Ok(Database::Sqlite(SqliteStore::memory().await?));
         }
-        if let Some(rest) = url
-            .strip_prefix("sqlite://")
-            .or_else(|| url.strip_prefix("sqlite:"))
-        {
-            let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        if let Some((path, query)) = Database::sqlite_parts(url) {
             let mut durability = Durability::Normal;
             for pair in query.split('&').filter(|p| !p.is_empty()) {
                 durability = match pair {
@@ -368,6 +364,24 @@ impl Database {
             return Ok(Database::Postgres(PgStore::connect(url).await?));
         }
         Err(StoreError::Url(redact(url)))
+    }
+
+    /// The file a `sqlite://PATH` URL names (`None`: in memory, or not SQLite).
+    pub fn sqlite_file(url: &str) -> Option<&str> {
+        if url == "sqlite::memory:" || url == "sqlite://:memory:" {
+            return None;
+        }
+        Database::sqlite_parts(url)
+            .map(|(path, _)| path)
+            .filter(|p| !p.is_empty())
+    }
+
+    /// `(path, query)` of a `sqlite://PATH?QUERY` or `sqlite:PATH` URL.
+    fn sqlite_parts(url: &str) -> Option<(&str, &str)> {
+        let rest = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))?;
+        Some(rest.split_once('?').unwrap_or((rest, "")))
     }
 
     /// `sqlite` or `postgres`.
