@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -10,6 +10,17 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 
 use super::{TOKEN, WRITE_KEY};
+
+/// How to start a daemon, kept so a killed one can be started again the same way.
+#[derive(Debug, Clone)]
+pub(super) struct Launch {
+    pub(super) exe: PathBuf,
+    pub(super) flows: PathBuf,
+    pub(super) config: PathBuf,
+    pub(super) database: String,
+    /// Extra environment, e.g. a channel's signing secret.
+    pub(super) env: Vec<(String, String)>,
+}
 
 pub(super) struct Daemon {
     pub(super) child: Option<Child>,
@@ -19,27 +30,23 @@ pub(super) struct Daemon {
 }
 
 impl Daemon {
-    pub(super) async fn start(
-        exe: &Path,
-        flows: &Path,
-        config: &Path,
-        database: &str,
-    ) -> anyhow::Result<Daemon> {
-        let mut child = Command::new(exe)
+    pub(super) async fn start(launch: &Launch) -> anyhow::Result<Daemon> {
+        let mut child = Command::new(&launch.exe)
             .args(["serve", "--listen", "127.0.0.1:0", "--flows"])
-            .arg(flows)
+            .arg(&launch.flows)
             .arg("--config")
-            .arg(config)
+            .arg(&launch.config)
             .arg("--database")
-            .arg(database)
+            .arg(&launch.database)
             .env("CANVAS_API_TOKEN", TOKEN)
             .env("CANVAS_WRITE_KEY", WRITE_KEY)
             .env_remove("CANVAS_API_READ_TOKEN")
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .with_context(|| format!("starting {} serve", exe.display()))?;
+            .with_context(|| format!("starting {} serve", launch.exe.display()))?;
         let pid = child.id();
         let log: Arc<Mutex<VecDeque<String>>> = Arc::default();
         let stderr = child

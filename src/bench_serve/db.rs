@@ -157,6 +157,12 @@ pub(super) fn redact(url: &str) -> String {
 }
 
 /// A read-only connection for [`watch_outbox`].
+/// A value bound to a [`Peek::fetch`] query.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Bind<'a> {
+    Text(&'a str),
+}
+
 pub(super) enum Peek {
     Postgres(sqlx::PgPool),
     Sqlite(sqlx::SqlitePool),
@@ -166,10 +172,13 @@ impl Peek {
     pub(super) async fn connect(url: &str) -> anyhow::Result<Peek> {
         use std::str::FromStr as _;
         Ok(if is_postgres(url) {
+            // Read-only like the SQLite side: the bench looks, it never writes.
+            let options = sqlx::postgres::PgConnectOptions::from_str(url)?
+                .options([("default_transaction_read_only", "on")]);
             Peek::Postgres(
                 sqlx::postgres::PgPoolOptions::new()
                     .max_connections(1)
-                    .connect(url)
+                    .connect_with(options)
                     .await?,
             )
         } else {
@@ -181,6 +190,51 @@ impl Peek {
                     .await?,
             )
         })
+    }
+
+    /// The rows of `sql`, written for Postgres (`$1`, `$2`, …; SQLite reads them as `?1`,
+    /// `?2`, …), with `binds` in order.
+    pub(super) async fn fetch<T>(&self, sql: &str, binds: &[Bind<'_>]) -> anyhow::Result<Vec<T>>
+    where
+        T: Send
+            + Unpin
+            + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>
+            + for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>,
+    {
+        Ok(match self {
+            Peek::Postgres(p) => {
+                let mut q = sqlx::query_as::<_, T>(sql);
+                for b in binds {
+                    q = match b {
+                        Bind::Text(t) => q.bind(*t),
+                    };
+                }
+                q.fetch_all(p).await?
+            }
+            Peek::Sqlite(p) => {
+                let sql = sql.replace('$', "?");
+                let mut q = sqlx::query_as::<_, T>(&sql);
+                for b in binds {
+                    q = match b {
+                        Bind::Text(t) => q.bind(*t),
+                    };
+                }
+                q.fetch_all(p).await?
+            }
+        })
+    }
+
+    /// The one number `sql` answers (a `count(*)`, say); 0 for no row or NULL.
+    pub(super) async fn number(&self, sql: &str, binds: &[Bind<'_>]) -> anyhow::Result<i64> {
+        let rows: Vec<(Option<i64>,)> = self.fetch(sql, binds).await?;
+        Ok(rows.first().and_then(|r| r.0).unwrap_or(0))
+    }
+
+    pub(super) async fn close(&self) {
+        match self {
+            Peek::Postgres(p) => p.close().await,
+            Peek::Sqlite(p) => p.close().await,
+        }
     }
 
     /// Keys in `[from, to)`: the primary-key index, a handful of rows per call.

@@ -14,6 +14,8 @@
 //! - `scale` (Postgres): the same with a slow receiver, one daemon and then several on one
 //!   database; messages/s of each and their ratio; every event's message delivered exactly
 //!   once (one outbox row per event, no key twice, none missing).
+//! - `rate-limit`: a rate-limited channel with more messages than it can send within its
+//!   outbox lease; keys received twice, and the age of each signature on arrival.
 //!
 //! Customers get a phone number first (Segment `identify` through the daemon's own API, not
 //! timed) so the flow's `send: sms` produces a message; the `sms` channel is a webhook to
@@ -25,6 +27,7 @@ mod deliver;
 mod ingest;
 mod latency;
 mod load;
+mod rate_limit;
 mod receiver;
 mod report;
 mod scale;
@@ -74,13 +77,15 @@ pub enum Scenario {
     Latency,
     Deliver,
     Scale,
+    RateLimit,
     All,
 }
 
 /// `canvas bench serve` options.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Which measurement; `all` runs them in order and prints a summary.
+    /// Which measurement; `all` runs ingest, latency, deliver and scale in order and prints
+    /// a summary (rate-limit runs only when named).
     #[arg(long, value_enum, default_value_t = Scenario::All)]
     pub scenario: Scenario,
     /// `sqlite://PATH` (default: a fresh file in the temp folder) or `postgres://…` (a fresh
@@ -90,25 +95,27 @@ pub struct Args {
     #[arg(long)]
     pub database: Option<String>,
     /// Events (one customer each). Default: 200,000 for ingest, 100,000 for deliver, 20,000
-    /// for scale (latency sends --rate × --seconds).
+    /// for scale, 150 for rate-limit, 60,000 for recovery (latency sends --rate × --seconds;
+    /// sustained posts for --seconds).
     #[arg(long)]
     pub events: Option<usize>,
-    /// Events per request (ingest, deliver, scale).
+    /// Events per request (ingest, deliver, scale, sustained, rate-limit, recovery).
     #[arg(long, default_value_t = 500)]
     pub batch: usize,
-    /// Concurrent HTTP clients (ingest, deliver, scale).
+    /// Concurrent HTTP clients (ingest, deliver, scale, sustained).
     #[arg(long, default_value_t = 4)]
     pub clients: usize,
     /// Events per second (latency).
     #[arg(long, default_value_t = 2000.0)]
     pub rate: f64,
-    /// How long to send at --rate (latency).
+    /// How long to send at --rate (latency), or to post back to back (sustained).
     #[arg(long, default_value_t = 20)]
     pub seconds: u64,
-    /// The `sms` channel's `concurrency` (ingest, latency, deliver).
+    /// The `sms` channel's `concurrency` (ingest, latency, deliver, sustained, rate-limit,
+    /// recovery).
     #[arg(long, default_value_t = 256)]
     pub concurrency: usize,
-    /// How long the receiver takes to answer (scale).
+    /// How long the receiver takes to answer (scale, recovery).
     #[arg(long, default_value_t = 50)]
     pub delay_ms: u64,
     /// The `sms` channel's `concurrency` in each daemon (scale).
@@ -117,6 +124,13 @@ pub struct Args {
     /// How many daemons share the database in the second scale measurement.
     #[arg(long, default_value_t = 3)]
     pub daemons: usize,
+    /// The `sms` channel's `rate_limit`, messages per second (rate-limit).
+    #[arg(long, default_value_t = 5.0)]
+    pub rate_limit: f64,
+    /// `server.leases.outbox` (rate-limit): shorter than the time the channel needs for
+    /// --events at --rate-limit, so claimed rows outlive their lease.
+    #[arg(long, default_value = "5s")]
+    pub outbox_lease: String,
     /// Print the results as JSON on standard output instead of text.
     #[arg(long)]
     pub json: bool,
@@ -164,6 +178,7 @@ impl Scenario {
             Scenario::Latency => "latency",
             Scenario::Deliver => "deliver",
             Scenario::Scale => "scale",
+            Scenario::RateLimit => "rate-limit",
             Scenario::All => "all",
         }
     }
@@ -216,6 +231,7 @@ async fn bench(args: Args) -> anyhow::Result<ExitCode> {
             Scenario::Latency => latency::latency(&ctx).await,
             Scenario::Deliver => deliver::deliver(&ctx).await,
             Scenario::Scale => scale::scale(&ctx).await,
+            Scenario::RateLimit => rate_limit::rate_limit(&ctx).await,
             Scenario::All => continue,
         };
         match result {
@@ -249,13 +265,13 @@ async fn bench(args: Args) -> anyhow::Result<ExitCode> {
         writeln!(out, "\nsummary:")?;
         writeln!(
             out,
-            "  {:<9} {:<9} {:>14}  {:<28} {:<15} result",
+            "  {:<10} {:<9} {:>14}  {:<32} {:<15} result",
             "scenario", "backend", "figure", "", "target"
         )?;
         for o in &outcomes {
             writeln!(
                 out,
-                "  {:<9} {:<9} {:>14}  {:<28} {:<15} {}",
+                "  {:<10} {:<9} {:>14}  {:<32} {:<15} {}",
                 o.scenario,
                 o.backend,
                 number(o.value, if o.value < 100.0 { 2 } else { 0 }),
@@ -269,7 +285,7 @@ async fn bench(args: Args) -> anyhow::Result<ExitCode> {
             )?;
         }
         for (s, e) in &failures {
-            writeln!(out, "  {:<9} failed: {e}", s.name())?;
+            writeln!(out, "  {:<10} failed: {e}", s.name())?;
         }
     }
     Ok(if failures.is_empty() {

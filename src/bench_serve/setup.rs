@@ -8,7 +8,7 @@ use axum::body::Bytes;
 use canvas_engine::store::{Database, Store};
 use indicatif::ProgressBar;
 
-use super::daemon::Daemon;
+use super::daemon::{Daemon, Launch};
 use super::db::FreshDb;
 use super::load::{Auth, Post, drive};
 use super::receiver::Receiver;
@@ -31,6 +31,48 @@ pub(super) struct Notes {
     pub(super) lines: Vec<String>,
 }
 
+/// What a measurement runs on, beyond the defaults: the bench-send flow, an `sms` webhook
+/// channel to the receiver, one daemon, no profiles.
+pub(super) struct Plan<'a> {
+    pub(super) tag: &'a str,
+    pub(super) database: Option<&'a str>,
+    /// The `sms` channel's `concurrency`.
+    pub(super) concurrency: usize,
+    /// How long the receiver takes to answer.
+    pub(super) delay: Duration,
+    pub(super) daemons: usize,
+    /// Customers given a phone number and a name before the clock starts.
+    pub(super) customers: usize,
+    /// More flow files beside `bench-send.yaml` (file name, YAML); one of that name replaces it.
+    pub(super) flows: &'a [(&'a str, &'a str)],
+    /// More settings of the `sms` channel, one `key: value` a line.
+    pub(super) channel: &'a [String],
+    /// A `server:` section (whole lines), or empty.
+    pub(super) server: &'a str,
+    /// Sign requests with this secret (the receiver checks each signature).
+    pub(super) secret: Option<&'a str>,
+}
+
+impl<'a> Plan<'a> {
+    pub(super) fn new(tag: &'a str, database: Option<&'a str>) -> Plan<'a> {
+        Plan {
+            tag,
+            database,
+            concurrency: 256,
+            delay: Duration::ZERO,
+            daemons: 1,
+            customers: 0,
+            flows: &[],
+            channel: &[],
+            server: "",
+            secret: None,
+        }
+    }
+}
+
+/// The environment variable the daemons read the `sms` channel's signing secret from.
+const SECRET_ENV: &str = "CANVAS_BENCH_SMS_SECRET";
+
 impl Setup {
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn start(
@@ -42,14 +84,36 @@ impl Setup {
         daemons: usize,
         customers: usize,
     ) -> anyhow::Result<Setup> {
-        let dir = TempDir::new(tag)?;
-        let db = FreshDb::create(database, tag, &dir.0).await?;
-        let recv = Receiver::start(delay).await?;
+        let plan = Plan {
+            concurrency,
+            delay,
+            daemons,
+            customers,
+            ..Plan::new(tag, database)
+        };
+        Setup::with(ctx, &plan).await
+    }
+
+    pub(super) async fn with(ctx: &Ctx<'_>, plan: &Plan<'_>) -> anyhow::Result<Setup> {
+        let dir = TempDir::new(plan.tag)?;
+        let db = FreshDb::create(plan.database, plan.tag, &dir.0).await?;
+        let recv = Receiver::start(plan.delay, plan.secret.map(|s| s.as_bytes().to_vec())).await?;
         let flows = dir.0.join("flows");
         std::fs::create_dir_all(flows.join("templates/bench"))?;
         std::fs::write(flows.join("bench-send.yaml"), FLOW)?;
+        // Written after the default, so a scenario may replace it.
+        for (name, yaml) in plan.flows {
+            std::fs::write(flows.join(name), yaml)?;
+        }
         std::fs::write(flows.join("templates/bench/hello.txt"), TEMPLATE)?;
         let config = flows.join("canvas.yaml");
+        let mut channel = String::new();
+        for line in plan.channel {
+            channel.push_str(&format!("    {line}\n"));
+        }
+        if plan.secret.is_some() {
+            channel.push_str(&format!("    secret_env: {SECRET_ENV}\n"));
+        }
         std::fs::write(
             &config,
             format!(
@@ -63,14 +127,25 @@ channels:
     timeout: 30s
     concurrency: {}
     retry: {{ max_attempts: 5, base: 100ms, max: 1s }}
-",
+{channel}{}",
                 recv.addr,
-                concurrency.max(1)
+                plan.concurrency.max(1),
+                plan.server,
             ),
         )?;
-        let mut started = Vec::with_capacity(daemons);
-        for _ in 0..daemons {
-            started.push(Daemon::start(&ctx.exe, &flows, &config, &db.url).await?);
+        let launch = Launch {
+            exe: ctx.exe.clone(),
+            flows,
+            config,
+            database: db.url.clone(),
+            env: plan
+                .secret
+                .map(|s| vec![(SECRET_ENV.to_owned(), s.to_owned())])
+                .unwrap_or_default(),
+        };
+        let mut started = Vec::with_capacity(plan.daemons);
+        for _ in 0..plan.daemons.max(1) {
+            started.push(Daemon::start(&launch).await?);
         }
         let store = Database::connect(&db.url)
             .await
@@ -82,7 +157,9 @@ channels:
             db,
             _dir: dir,
         };
-        setup.load_profiles(ctx, customers).await?;
+        if plan.customers > 0 {
+            setup.load_profiles(ctx, plan.customers).await?;
+        }
         Ok(setup)
     }
 
@@ -145,6 +222,16 @@ channels:
 
     /// Wait until the receiver has seen `n` distinct keys; fail when deliveries stop.
     pub(super) async fn wait_delivered(&mut self, n: u64, bar: &ProgressBar) -> anyhow::Result<()> {
+        self.wait_delivered_within(n, bar, STALL).await
+    }
+
+    /// [`Setup::wait_delivered`], failing only after `stall` without a new key.
+    pub(super) async fn wait_delivered_within(
+        &mut self,
+        n: u64,
+        bar: &ProgressBar,
+        stall: Duration,
+    ) -> anyhow::Result<()> {
         let mut last = 0;
         let mut progress_at = Instant::now();
         loop {
@@ -156,10 +243,10 @@ channels:
             if got != last {
                 last = got;
                 progress_at = Instant::now();
-            } else if progress_at.elapsed() > STALL {
+            } else if progress_at.elapsed() > stall {
                 bail!(
                     "deliveries stopped at {got} of {n} for {} s{}",
-                    STALL.as_secs(),
+                    stall.as_secs(),
                     self.daemons
                         .iter()
                         .map(|d| d.log_tail())
