@@ -160,6 +160,7 @@ pub(super) fn redact(url: &str) -> String {
 /// A value bound to a [`Peek::fetch`] query.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Bind<'a> {
+    Int(i64),
     Text(&'a str),
 }
 
@@ -206,6 +207,7 @@ impl Peek {
                 let mut q = sqlx::query_as::<_, T>(sql);
                 for b in binds {
                     q = match b {
+                        Bind::Int(i) => q.bind(*i),
                         Bind::Text(t) => q.bind(*t),
                     };
                 }
@@ -216,6 +218,7 @@ impl Peek {
                 let mut q = sqlx::query_as::<_, T>(&sql);
                 for b in binds {
                     q = match b {
+                        Bind::Int(i) => q.bind(*i),
                         Bind::Text(t) => q.bind(*t),
                     };
                 }

@@ -14,12 +14,15 @@
 //! - `scale` (Postgres): the same with a slow receiver, one daemon and then several on one
 //!   database; messages/s of each and their ratio; every event's message delivered exactly
 //!   once (one outbox row per event, no key twice, none missing).
+//! - `sustained`: clients post back to back while a timer flow keeps timers due and the
+//!   load's flow is paused midway; due-timer lag, entries after the pause, inbox rows
+//!   applied before they were received.
 //! - `rate-limit`: a rate-limited channel with more messages than it can send within its
 //!   outbox lease; keys received twice, and the age of each signature on arrival.
 //!
 //! Customers get a phone number first (Segment `identify` through the daemon's own API, not
-//! timed) so the flow's `send: sms` produces a message; the `sms` channel is a webhook to
-//! the receiver.
+//! timed) so the flow's `send: sms` produces a message (sustained's flow sets one itself);
+//! the `sms` channel is a webhook to the receiver.
 
 mod daemon;
 mod db;
@@ -32,6 +35,7 @@ mod receiver;
 mod report;
 mod scale;
 mod setup;
+mod sustained;
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -77,6 +81,7 @@ pub enum Scenario {
     Latency,
     Deliver,
     Scale,
+    Sustained,
     RateLimit,
     All,
 }
@@ -85,7 +90,7 @@ pub enum Scenario {
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Which measurement; `all` runs ingest, latency, deliver and scale in order and prints
-    /// a summary (rate-limit runs only when named).
+    /// a summary (sustained and rate-limit run only when named).
     #[arg(long, value_enum, default_value_t = Scenario::All)]
     pub scenario: Scenario,
     /// `sqlite://PATH` (default: a fresh file in the temp folder) or `postgres://…` (a fresh
@@ -124,6 +129,9 @@ pub struct Args {
     /// How many daemons share the database in the second scale measurement.
     #[arg(long, default_value_t = 3)]
     pub daemons: usize,
+    /// Daemons sharing the database (sustained; more than one needs Postgres).
+    #[arg(long, default_value_t = 1)]
+    pub sustained_daemons: usize,
     /// The `sms` channel's `rate_limit`, messages per second (rate-limit).
     #[arg(long, default_value_t = 5.0)]
     pub rate_limit: f64,
@@ -178,6 +186,7 @@ impl Scenario {
             Scenario::Latency => "latency",
             Scenario::Deliver => "deliver",
             Scenario::Scale => "scale",
+            Scenario::Sustained => "sustained",
             Scenario::RateLimit => "rate-limit",
             Scenario::All => "all",
         }
@@ -231,6 +240,7 @@ async fn bench(args: Args) -> anyhow::Result<ExitCode> {
             Scenario::Latency => latency::latency(&ctx).await,
             Scenario::Deliver => deliver::deliver(&ctx).await,
             Scenario::Scale => scale::scale(&ctx).await,
+            Scenario::Sustained => sustained::sustained(&ctx).await,
             Scenario::RateLimit => rate_limit::rate_limit(&ctx).await,
             Scenario::All => continue,
         };
