@@ -108,6 +108,18 @@ impl Daemon {
         Ok(())
     }
 
+    /// SIGKILL, as a crash would: no shutdown, claims and leases left as they were.
+    pub(super) fn kill(&mut self) -> anyhow::Result<()> {
+        let Some(mut child) = self.child.take() else {
+            bail!("daemon {} is not running", self.pid);
+        };
+        child
+            .kill()
+            .with_context(|| format!("killing daemon {}", self.pid))?;
+        child.wait()?;
+        Ok(())
+    }
+
     /// SIGTERM, then wait for it to finish what is in flight (30 s at most, then SIGKILL).
     /// True when it exited with status 0.
     pub(super) async fn stop(&mut self) -> anyhow::Result<bool> {

@@ -19,6 +19,8 @@
 //!   applied before they were received.
 //! - `rate-limit`: a rate-limited channel with more messages than it can send within its
 //!   outbox lease; keys received twice, and the age of each signature on arrival.
+//! - `recovery`: the daemon SIGKILLed and restarted while it delivers; seconds from the last
+//!   kill until every message has arrived.
 //!
 //! Customers get a phone number first (Segment `identify` through the daemon's own API, not
 //! timed) so the flow's `send: sms` produces a message (sustained's flow sets one itself);
@@ -32,6 +34,7 @@ mod latency;
 mod load;
 mod rate_limit;
 mod receiver;
+mod recovery;
 mod report;
 mod scale;
 mod setup;
@@ -83,6 +86,7 @@ pub enum Scenario {
     Scale,
     Sustained,
     RateLimit,
+    Recovery,
     All,
 }
 
@@ -90,7 +94,7 @@ pub enum Scenario {
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Which measurement; `all` runs ingest, latency, deliver and scale in order and prints
-    /// a summary (sustained and rate-limit run only when named).
+    /// a summary (sustained, rate-limit and recovery run only when named).
     #[arg(long, value_enum, default_value_t = Scenario::All)]
     pub scenario: Scenario,
     /// `sqlite://PATH` (default: a fresh file in the temp folder) or `postgres://…` (a fresh
@@ -139,6 +143,12 @@ pub struct Args {
     /// --events at --rate-limit, so claimed rows outlive their lease.
     #[arg(long, default_value = "5s")]
     pub outbox_lease: String,
+    /// SIGKILLs of the daemon while it delivers (recovery).
+    #[arg(long, default_value_t = 10)]
+    pub kills: usize,
+    /// Time between one restart and the next kill (recovery).
+    #[arg(long, default_value_t = 1000)]
+    pub kill_every_ms: u64,
     /// Print the results as JSON on standard output instead of text.
     #[arg(long)]
     pub json: bool,
@@ -188,6 +198,7 @@ impl Scenario {
             Scenario::Scale => "scale",
             Scenario::Sustained => "sustained",
             Scenario::RateLimit => "rate-limit",
+            Scenario::Recovery => "recovery",
             Scenario::All => "all",
         }
     }
@@ -242,6 +253,7 @@ async fn bench(args: Args) -> anyhow::Result<ExitCode> {
             Scenario::Scale => scale::scale(&ctx).await,
             Scenario::Sustained => sustained::sustained(&ctx).await,
             Scenario::RateLimit => rate_limit::rate_limit(&ctx).await,
+            Scenario::Recovery => recovery::recovery(&ctx).await,
             Scenario::All => continue,
         };
         match result {

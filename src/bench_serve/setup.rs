@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use axum::body::Bytes;
 use canvas_engine::store::{Database, Store};
 use indicatif::ProgressBar;
@@ -19,6 +19,8 @@ use super::{Ctx, FLOW, PROFILE_BATCH, STALL, TEMPLATE};
 /// the bench's own connection, the receiver, the database, the folder.
 pub(super) struct Setup {
     pub(super) daemons: Vec<Daemon>,
+    /// How the daemons were started (to start one again after a kill).
+    pub(super) launch: Launch,
     pub(super) store: Database,
     pub(super) recv: Receiver,
     pub(super) db: FreshDb,
@@ -152,6 +154,7 @@ channels:
             .with_context(|| format!("opening {}", db.label()))?;
         let mut setup = Setup {
             daemons: started,
+            launch,
             store,
             recv,
             db,
@@ -161,6 +164,22 @@ channels:
             setup.load_profiles(ctx, plan.customers).await?;
         }
         Ok(setup)
+    }
+
+    /// SIGKILL daemon `i` and start it again on the same database; the instant of the kill
+    /// and of the new daemon listening.
+    pub(super) async fn kill_and_restart(
+        &mut self,
+        i: usize,
+    ) -> anyhow::Result<(Instant, Instant)> {
+        let d = self
+            .daemons
+            .get_mut(i)
+            .ok_or_else(|| anyhow!("no daemon {i}"))?;
+        d.kill()?;
+        let killed = Instant::now();
+        *d = Daemon::start(&self.launch).await?;
+        Ok((killed, Instant::now()))
     }
 
     /// Give every customer a phone number and a name, through the daemons' Segment
