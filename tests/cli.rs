@@ -224,3 +224,87 @@ fn the_version_ignores_layout_but_not_meaning_or_templates() {
     );
     assert_ne!(base, new_text, "a template edit is a new version");
 }
+
+/// `canvas validate` with a watchdog: a run past `limit` is killed and fails the test.
+fn validate_within(dir: &Path, limit: std::time::Duration) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_canvas"))
+        .args([
+            "validate",
+            "--format",
+            "json",
+            dir.to_str().expect("utf8 path"),
+        ])
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("canvas runs");
+    let started = std::time::Instant::now();
+    while child.try_wait().expect("poll").is_none() {
+        if started.elapsed() > limit {
+            child.kill().expect("kill");
+            let _ = child.wait();
+            panic!("`canvas validate` still ran after {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().expect("output")
+}
+
+/// Regression: two nested 100,000-item loops in a template made `canvas validate` run until
+/// killed (and `serve` and hot reload with it).
+#[test]
+fn validate_of_nested_loops_in_a_template_ends_with_an_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("templates")).expect("mkdir");
+    std::fs::write(
+        dir.path().join("templates/loop.txt"),
+        "Hi\n{% for a in 'x' * 100000 %}{% for b in 'x' * 100000 %}.{% endfor %}{% endfor %}\n",
+    )
+    .expect("write");
+    std::fs::write(
+        dir.path().join("loop.yaml"),
+        "flow: loop\ntrigger:\n  event: order_paid\nsteps:\n  - id: hi\n    send: sms\n    template: loop\n",
+    )
+    .expect("write");
+    let out = validate_within(dir.path(), std::time::Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let d = &doc["diagnostics"][0];
+    assert_eq!(d["code"], "CNV0407", "{doc:#}");
+    assert_eq!(d["line"], 2, "{doc:#}");
+    assert!(
+        d["file"]
+            .as_str()
+            .is_some_and(|f| f.ends_with("templates/loop.txt")),
+        "{doc:#}"
+    );
+}
+
+#[test]
+fn an_included_template_is_part_of_the_version() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = dir.path().join("templates");
+    std::fs::create_dir_all(t.join("partials")).expect("mkdir");
+    std::fs::write(t.join("hi.txt"), "Hi{% include 'partials/footer.txt' %}").expect("write");
+    std::fs::write(
+        dir.path().join("v.yaml"),
+        "flow: v\ntrigger:\n  event: order_paid\nsteps:\n  - id: hi\n    send: sms\n    template: hi\n",
+    )
+    .expect("write");
+    let version = |footer: &str| {
+        std::fs::write(t.join("partials/footer.txt"), footer).expect("write");
+        let out = validate_within(dir.path(), std::time::Duration::from_secs(60));
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        assert_eq!(out.status.code(), Some(0), "{doc:#}");
+        doc["files"][0]["version"]
+            .as_str()
+            .expect("valid")
+            .to_owned()
+    };
+    assert_ne!(
+        version(" Bye"),
+        version(" Ciao"),
+        "a footer edit is a new version"
+    );
+}

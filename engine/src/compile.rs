@@ -21,8 +21,36 @@ use crate::flow::{
 };
 use crate::model::{Priority, RawArm, RawFlow, RawStep, RawWait};
 use crate::registry::Registry;
-use crate::template::{self, Checked, Resolution, TemplateDir, TemplateFile};
+use crate::template::{self, Checked, IssueKind, Resolution, TemplateDir, TemplateFile};
 use crate::yaml::{self, Limits, Span, Value};
+
+/// The diagnostic code of a template problem.
+fn issue_code(kind: IssueKind) -> Code {
+    match kind {
+        IssueKind::Syntax => Code::TemplateSyntax,
+        IssueKind::Reference => Code::TemplateReference,
+        IssueKind::Limit => Code::TemplateLimit,
+        IssueKind::Include => Code::TemplateInclude,
+    }
+}
+
+/// What to do about a template problem, when there is more to say than the message.
+fn issue_help(kind: IssueKind) -> Option<String> {
+    match kind {
+        IssueKind::Syntax | IssueKind::Reference => None,
+        IssueKind::Limit => Some(format!(
+            "one render may take {} steps and give {} bytes; loop over less, or split the \
+             message (see the limits in docs/language.md)",
+            template::TEMPLATE_FUEL,
+            template::MAX_RENDERED_BYTES
+        )),
+        IssueKind::Include => Some(
+            "`include`, `import` and `extends` take a quoted path under templates/, with its \
+             extension, such as `partials/footer.txt`"
+                .to_owned(),
+        ),
+    }
+}
 
 /// The keys that decide a step's kind.
 pub const STEP_KINDS: &[&str] = &[
@@ -992,14 +1020,15 @@ impl<'a> Cx<'a> {
             }
             Checked::Issues(_, issues) => {
                 for issue in issues {
-                    let code = if issue.reference {
-                        Code::TemplateReference
-                    } else {
-                        Code::TemplateSyntax
-                    };
                     let span = issue.line.map(|l| Span::point(l as u32, 0));
-                    self.diags
-                        .push(Diagnostic::new(code, path, span, issue.message.clone()));
+                    let file = issue.file.as_deref().unwrap_or(path);
+                    let mut d =
+                        Diagnostic::new(issue_code(issue.kind), file, span, &*issue.message);
+                    d.help = issue_help(issue.kind);
+                    // A file included by several templates of the flow is reported once.
+                    if !self.diags.contains(&d) {
+                        self.diags.push(d);
+                    }
                 }
                 None
             }
@@ -1017,6 +1046,14 @@ impl<'a> Cx<'a> {
                     return None;
                 }
                 self.used_templates.insert(t.file.clone(), t.clone());
+                // What it includes is part of the version, and is restored with it.
+                for name in t.includes.keys() {
+                    if let Some(p) = self.templates.file(name)
+                        && let Checked::Ok(inc) = &*self.templates.check(p)
+                    {
+                        self.used_templates.insert(name.clone(), inc.clone());
+                    }
+                }
                 Some(t.file.clone())
             }
         }
@@ -1455,16 +1492,12 @@ impl<'a> Cx<'a> {
     fn inline_template(&mut self, text: &str, span: Span) -> bool {
         let issues = template::check_text("inline", text);
         for issue in &issues {
-            let code = if issue.reference {
-                Code::TemplateReference
-            } else {
-                Code::TemplateSyntax
-            };
-            self.error(
-                code,
+            let d = self.error(
+                issue_code(issue.kind),
                 span,
                 format!("in template `{}`: {}", shorten(text), issue.message),
             );
+            d.help = issue_help(issue.kind);
         }
         issues.is_empty()
     }

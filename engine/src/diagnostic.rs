@@ -71,6 +71,10 @@ pub enum Code {
     UnknownKind,
     /// Settings a plugin kind refuses.
     KindConfig,
+    /// A template that needs more work or gives more text than one render may.
+    TemplateLimit,
+    /// An `include`, `import` or `extends` outside the templates folder, or of a missing file.
+    TemplateInclude,
 }
 
 impl Code {
@@ -105,6 +109,8 @@ impl Code {
         Code::TemplateReference,
         Code::UnknownKind,
         Code::KindConfig,
+        Code::TemplateLimit,
+        Code::TemplateInclude,
     ];
 
     /// The stable code, e.g. `CNV0205`.
@@ -140,6 +146,8 @@ impl Code {
             Code::TemplateReference => "CNV0404",
             Code::UnknownKind => "CNV0405",
             Code::KindConfig => "CNV0406",
+            Code::TemplateLimit => "CNV0407",
+            Code::TemplateInclude => "CNV0408",
         }
     }
 }

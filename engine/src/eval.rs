@@ -11,7 +11,6 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::sync::OnceLock;
 
 use cel::common::types::{
@@ -30,6 +29,7 @@ use serde_json::{Map, Value as Json};
 
 use crate::duration::TimeOfDay;
 use crate::expr::Expr;
+use crate::template::{self, Includes, RenderError, TemplateFile};
 
 /// An instant, as the executor stores it.
 pub type Time = DateTime<Utc>;
@@ -122,9 +122,20 @@ pub fn eval_time(expr: &Expr, scope: &Scope) -> Result<Time, EvalError> {
 /// Render a template with `customer`, `event`, `vars`, `flow` and `now` (an RFC 3339 string in
 /// `scope.tz`). Undefined lookups render empty (guard them with `default`); the output is
 /// returned exactly as rendered, trailing newline included.
+///
+/// A render is bounded ([`crate::template::TEMPLATE_FUEL`],
+/// [`crate::template::MAX_RENDERED_BYTES`]): past either bound it fails rather than holding
+/// the thread or memory.
 pub fn render(name: &str, source: &str, scope: &Scope) -> Result<String, EvalError> {
     let ctx = template_context(scope);
-    render_with(name, source, &ctx)
+    render_with(name, source, &Includes::default(), &ctx)
+}
+
+/// Render a template file of a flow version; it may include, import or extend the files
+/// validated with it (`file.includes`), and nothing else.
+pub fn render_file(file: &TemplateFile, scope: &Scope) -> Result<String, EvalError> {
+    let ctx = template_context(scope);
+    render_with(&file.file, &file.source, &file.includes, &ctx)
 }
 
 /// Render every string inside `value` that contains `{{` or `{%` (a `call` body such as
@@ -145,7 +156,7 @@ fn render_json(
     Ok(match value {
         Json::String(s) if s.contains("{{") || s.contains("{%") => {
             let ctx = ctx.get_or_insert_with(|| template_context(scope));
-            Json::String(render_with(path, s, ctx)?)
+            Json::String(render_with(path, s, &Includes::default(), ctx)?)
         }
         Json::Array(items) => {
             let mut out = Vec::with_capacity(items.len());
@@ -675,8 +686,7 @@ thread_local! {
 }
 
 fn template_env() -> minijinja::Environment<'static> {
-    let mut env = minijinja::Environment::new();
-    env.set_undefined_behavior(minijinja::UndefinedBehavior::Chainable);
+    let mut env = template::environment();
     env.set_keep_trailing_newline(true);
     env
 }
@@ -702,13 +712,6 @@ fn template_context(scope: &Scope) -> minijinja::Value {
     roots.into_iter().collect()
 }
 
-fn source_hash(source: &str) -> u64 {
-    // SipHash with fixed keys: stable within the process, which is all a cache key needs.
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    source.hash(&mut h);
-    h.finish()
-}
-
 fn template_error(name: &str, e: &minijinja::Error) -> EvalError {
     let reason = match e.detail() {
         Some(detail) => format!("{}: {detail}", e.kind()),
@@ -721,16 +724,36 @@ fn template_error(name: &str, e: &minijinja::Error) -> EvalError {
     }
 }
 
-fn render_with(name: &str, source: &str, ctx: &minijinja::Value) -> Result<String, EvalError> {
+fn render_error(name: &str, e: RenderError) -> EvalError {
+    let (line, reason) = match e {
+        RenderError::Engine(e) => return template_error(name, &e),
+        RenderError::OutOfFuel { line } => (line, template::out_of_fuel_reason()),
+        RenderError::TooLarge => (None, template::too_large_reason()),
+    };
+    EvalError::Template {
+        name: name.to_owned(),
+        line,
+        reason,
+    }
+}
+
+fn render_with(
+    name: &str,
+    source: &str,
+    includes: &Includes,
+    ctx: &minijinja::Value,
+) -> Result<String, EvalError> {
     // The hash leads so the name keeps its extension: `x.email.html` is HTML-escaped.
-    let key = format!("{:016x}:{name}", source_hash(source));
+    let key = format!("{:016x}:{name}", template::source_hash(source));
     TEMPLATES.with(|cell| {
         {
             let mut cache = cell.borrow_mut();
             if cache.env.get_template(&key).is_err() {
-                if cache.count >= MAX_CACHED_TEMPLATES {
+                // Included files are cached by the loader too: count them all.
+                if cache.count + template::loaded_count() >= MAX_CACHED_TEMPLATES {
                     cache.env.clear_templates();
                     cache.count = 0;
+                    template::reset_loaded_count();
                 }
                 cache
                     .env
@@ -745,13 +768,15 @@ fn render_with(name: &str, source: &str, ctx: &minijinja::Value) -> Result<Strin
             .get_template(&key)
             .map_err(|e| template_error(name, &e))?;
         if tmpl.source() == source {
-            return tmpl.render(ctx).map_err(|e| template_error(name, &e));
+            return template::render_bounded(&tmpl, ctx, includes)
+                .map_err(|e| render_error(name, e));
         }
         // A hash collision: render this text uncached rather than the wrong template.
         let env = template_env();
-        env.template_from_named_str(&key, source)
-            .and_then(|t| t.render(ctx))
-            .map_err(|e| template_error(name, &e))
+        let tmpl = env
+            .template_from_named_str(&key, source)
+            .map_err(|e| template_error(name, &e))?;
+        template::render_bounded(&tmpl, ctx, includes).map_err(|e| render_error(name, e))
     })
 }
 
@@ -1228,5 +1253,127 @@ mod tests {
         assert_eq!(value("day(now)", &a), json!(11));
         assert_eq!(value("day(now)", &b), json!(10));
         assert!(CLOCK.with(Cell::get).is_none());
+    }
+
+    /// A customer whose data makes a template loop long: `items` has `n` entries and a
+    /// `blob` of `blob` bytes.
+    fn heavy(n: usize, blob: usize) -> Fixture {
+        let mut f = fixture();
+        f.customer
+            .insert("items".to_owned(), json!((0..n).collect::<Vec<_>>()));
+        f.customer
+            .insert("blob".to_owned(), json!("x".repeat(blob)));
+        f
+    }
+
+    /// Regression: a render had no bound, so data that made a template loop long held the
+    /// engine worker rendering it for as long as the loops ran.
+    #[test]
+    fn renders_past_the_work_bound_fail_quickly() {
+        let src = "{% for a in customer.items %}{% for b in customer.items %}{{ b }}\
+                   {% endfor %}{% endfor %}";
+        let small = heavy(10, 0);
+        let out = render(
+            "r.txt",
+            src,
+            &scope(&small, "2024-03-11T02:00:00Z", Shanghai),
+        );
+        assert_eq!(out.expect("ten by ten renders").len(), 100);
+        let big = heavy(100_000, 0);
+        let started = std::time::Instant::now();
+        let err = render("r.txt", src, &scope(&big, "2024-03-11T02:00:00Z", Shanghai))
+            .expect_err("100,000 by 100,000 is over the bound");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        let EvalError::Template { name, line, reason } = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!((name.as_str(), *line), ("r.txt", Some(1)));
+        assert!(reason.contains("100000 steps"), "{reason}");
+    }
+
+    #[test]
+    fn renders_past_the_size_bound_fail() {
+        let src = "{% for a in customer.items %}{{ customer.blob }}{% endfor %}";
+        let f = heavy(3, 100_000);
+        let err = render("r.txt", src, &scope(&f, "2024-03-11T02:00:00Z", Shanghai))
+            .expect_err("300,000 bytes is over the bound");
+        assert!(
+            err.to_string().contains("larger than 262144 bytes"),
+            "{err}"
+        );
+        let f = heavy(2, 100_000);
+        let out = render("r.txt", src, &scope(&f, "2024-03-11T02:00:00Z", Shanghai));
+        assert_eq!(out.expect("200,000 bytes renders").len(), 200_000);
+        // Inline templates (a `call` body) have the same bound.
+        let body = json!({"a": "{% for a in customer.items %}{{ customer.blob }}{% endfor %}"});
+        let f = heavy(3, 100_000);
+        let err = render_value(&body, &scope(&f, "2024-03-11T02:00:00Z", Shanghai))
+            .expect_err("over the bound");
+        assert!(err.to_string().contains("larger than"), "{err}");
+    }
+
+    fn file(name: &str, source: &str, includes: &[(&str, &str)]) -> TemplateFile {
+        TemplateFile {
+            file: name.to_owned(),
+            source: std::sync::Arc::new(source.to_owned()),
+            includes: std::sync::Arc::new(
+                includes
+                    .iter()
+                    .map(|(n, s)| ((*n).to_owned(), std::sync::Arc::new((*s).to_owned())))
+                    .collect(),
+            ),
+        }
+    }
+
+    #[test]
+    fn a_file_renders_only_the_includes_it_was_validated_with() {
+        let f = fixture();
+        let s = scope(&f, "2024-03-11T02:00:00Z", Shanghai);
+        let hello = file(
+            "hello.txt",
+            "Hi {{ customer.first_name }}.{% include 'partials/footer.txt' %}",
+            &[("partials/footer.txt", " Bye {{ flow.name }}")],
+        );
+        assert_eq!(
+            render_file(&hello, &s).expect("renders"),
+            "Hi Lin. Bye Birthday ritual"
+        );
+        // Another version of the footer: the cache keeps the two apart.
+        let v2 = file(
+            "hello.txt",
+            "Hi {{ customer.first_name }}.{% include 'partials/footer.txt' %}",
+            &[("partials/footer.txt", " Ciao")],
+        );
+        assert_eq!(render_file(&v2, &s).expect("renders"), "Hi Lin. Ciao");
+        assert_eq!(
+            render_file(&hello, &s).expect("renders"),
+            "Hi Lin. Bye Birthday ritual"
+        );
+        // A file not validated with this one, and a name outside the folder, are refused
+        // (the rendering thread's earlier includes do not leak into this render).
+        for (src, why) in [
+            (
+                "{% include 'partials/footer.txt' %}",
+                "not a template file this flow version",
+            ),
+            (
+                "{% include '../secret.txt' %}",
+                "outside the templates folder",
+            ),
+            (
+                "{% include '/etc/passwd' %}",
+                "outside the templates folder",
+            ),
+        ] {
+            let err = render_file(&file("x.txt", src, &[]), &s).expect_err(src);
+            assert!(err.to_string().contains(why), "{src}: {err}");
+        }
+        // Inline templates never include.
+        let err = render("inline", "{% include 'partials/footer.txt' %}", &s).expect_err("refused");
+        assert!(err.to_string().contains("not a template file"), "{err}");
     }
 }

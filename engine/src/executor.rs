@@ -822,7 +822,7 @@ impl Exec<'_, '_> {
                 return Err(format!("template file {path} is not in the flow version"));
             };
             let text = self
-                .render_text(path, &file.source)
+                .with_scope(None, |s| eval::render_file(file, s))
                 .map_err(|e| e.to_string())?;
             let (subject, body) = match text.strip_prefix("Subject:") {
                 Some(rest) => {
