@@ -12,7 +12,7 @@ use serde_json::{Value as Json, json};
 
 use crate::config::{ChannelSecrets, GatewayConfig, Method, Secret, WebhookConfig};
 use crate::message::{Delivered, DeliveryError, Message, MessageKind};
-use crate::signature::{IDEMPOTENCY_HEADER, SIGNATURE_HEADER, sign};
+use crate::signature::{IDEMPOTENCY_HEADER, SIGNATURE_HEADER, http_key, sign};
 
 /// Responses larger than this are not read whole: a provider's answer is small, and an
 /// unbounded read would let a broken endpoint exhaust the daemon's memory.
@@ -21,10 +21,11 @@ const MAX_RESPONSE: usize = 1 << 20;
 const REASON_CHARS: usize = 200;
 
 /// The JSON body a webhook gets for a message (and a gateway without `body:`): everything
-/// a receiver needs to act on it without another lookup.
+/// a receiver needs to act on it without another lookup. `key` is the `Idempotency-Key`
+/// header's value ([`http_key`]), so a receiver may dedupe on either.
 pub fn envelope(channel: &str, msg: &Message) -> Json {
     json!({
-        "key": msg.key,
+        "key": http_key(&msg.key),
         "flow": msg.flow,
         "step": msg.step,
         "customer_id": msg.customer_id,
@@ -187,7 +188,7 @@ impl Gateway {
             "subject": msg.payload.get("subject"),
             "html": msg.payload.get("html"),
             "template": msg.template,
-            "key": msg.key,
+            "key": http_key(&msg.key),
             "customer_id": msg.customer_id,
             "flow": msg.flow,
             "step": msg.step,
@@ -284,7 +285,8 @@ impl Request<'_> {
         msg: &Message,
     ) -> Result<Delivered, DeliveryError> {
         let mut headers = self.headers.clone();
-        let key = HeaderValue::from_str(&msg.key).map_err(|_| {
+        // Printable ASCII by construction, whatever the customer id.
+        let key = HeaderValue::from_str(&http_key(&msg.key)).map_err(|_| {
             DeliveryError::Payload(format!(
                 "the idempotency key `{}` has characters an HTTP header cannot carry",
                 msg.key

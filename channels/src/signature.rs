@@ -4,19 +4,35 @@
 //! few minutes; `v1` names the scheme so it can change without breaking receivers (several
 //! `v1=` entries are accepted, for key rotation).
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 use sha2::Sha256;
 
 /// The signature header.
 pub const SIGNATURE_HEADER: &str = "X-Canvas-Signature";
-/// The HTTP idempotency header: the outbox key, identical on every attempt.
+/// The HTTP idempotency header: the outbox key, identical on every attempt (in the form of
+/// [`http_key`]).
 pub const IDEMPOTENCY_HEADER: &str = "Idempotency-Key";
 /// The e-mail header carrying the outbox key (the `Message-ID` is derived from it too).
 pub const EMAIL_IDEMPOTENCY_HEADER: &str = "X-Canvas-Idempotency-Key";
 
 type HmacSha256 = Hmac<Sha256>;
+
+/// What [`http_key`] escapes, besides every byte outside ASCII: controls, space, and `%`
+/// itself, so the escaping can be undone without doubt.
+const KEY_ESCAPES: &AsciiSet = &CONTROLS.add(b' ').add(b'%');
+
+/// An outbox key as HTTP carries it, in the `Idempotency-Key` header and the `key` of the
+/// body alike: keys hold customer ids, which may be any text, and a header value is
+/// printable ASCII. Bytes outside printable ASCII, space and `%` are percent-encoded (UTF-8),
+/// so a key of printable ASCII without `%` goes unchanged; percent-decoding gives the key as
+/// the API shows it.
+pub fn http_key(key: &str) -> Cow<'_, str> {
+    utf8_percent_encode(key, KEY_ESCAPES).into()
+}
 
 fn mac(secret: &[u8], timestamp: i64, body: &[u8]) -> HmacSha256 {
     // HMAC takes keys of any length; `new_from_slice` cannot fail for it.

@@ -280,6 +280,53 @@ async fn sms_body_template_renders_json_and_is_signed() {
     );
 }
 
+/// Regression: an outbox key holds the customer id, and a non-ASCII id went out as raw UTF-8
+/// bytes in the `Idempotency-Key` header (obs-text: opaque to receivers, refused by some
+/// proxies and frameworks). The key travels percent-encoded, the same in the header, the
+/// webhook envelope and gateway templates, and decodes back to the outbox key.
+#[tokio::test]
+async fn idempotency_key_is_ascii_for_any_customer_id() {
+    let server = HttpServer::start().await;
+    let yaml = format!(
+        "crm: {{ type: webhook, url: '{}' }}\nsms:\n  type: sms\n  url: '{}'\n  body: '{{\"ref\": {{{{ key | tojson }}}}}}'\n",
+        server.url("/ok"),
+        server.url("/ok")
+    );
+    let ch = channels(&yaml, &[]);
+    let key = "birthday/李雷 50%/1/step-birthday";
+    let mut msg = message(Some("+8613800000000"), json!({ "text": "hi" }));
+    msg.key = key.into();
+    msg.customer_id = "李雷 50%".into();
+    ch.deliver("crm", &msg).await.unwrap();
+    ch.deliver("sms", &msg).await.unwrap();
+    let mut c = call("crm", json!({ "a": 1 }));
+    c.key = key.into();
+    ch.deliver("crm", &c).await.unwrap();
+
+    let reqs = server.requests();
+    assert_eq!(reqs.len(), 3);
+    let wire = "birthday/%E6%9D%8E%E9%9B%B7%2050%25/1/step-birthday";
+    for r in &reqs {
+        assert_eq!(r.header("idempotency-key"), Some(wire));
+    }
+    assert_eq!(
+        reqs[0].json()["key"],
+        wire,
+        "the envelope's key matches the header"
+    );
+    assert_eq!(reqs[0].json()["customer_id"], "李雷 50%");
+    assert_eq!(reqs[1].json()["ref"], wire, "so does a gateway template's");
+    let decoded = percent_encoding::percent_decode_str(wire)
+        .decode_utf8()
+        .unwrap();
+    assert_eq!(decoded, key);
+    // A key of plain ASCII goes unchanged.
+    assert_eq!(
+        canvas_channels::signature::http_key("welcome/c-1@shop/1/hello"),
+        "welcome/c-1@shop/1/hello"
+    );
+}
+
 #[tokio::test]
 async fn wechat_template_message_gets_the_whole_payload_as_data() {
     let server = HttpServer::start().await;
