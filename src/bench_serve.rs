@@ -32,7 +32,7 @@ use anyhow::{Context, anyhow, bail};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use canvas_engine::store::{Database, Store};
+use canvas_engine::store::{Database, Store, redact};
 use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -1178,7 +1178,7 @@ impl FreshDb {
     }
 
     fn label(&self) -> String {
-        redact(&self.url)
+        redact(&self.url).into_owned()
     }
 }
 
@@ -1243,17 +1243,6 @@ fn with_database(url: &str, name: &str) -> anyhow::Result<String> {
     };
     let authority_end = head[start..].find('/').map_or(head.len(), |i| start + i);
     Ok(format!("{}/{name}{query}", &head[..authority_end]))
-}
-
-/// A URL without the password of `scheme://user:password@host`.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => match url[s + 3..at].split_once(':') {
-            Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
-            None => url.to_owned(),
-        },
-        _ => url.to_owned(),
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -163,7 +163,8 @@ fn load_channels(
 async fn serve(settings: Settings, registry: Registry) -> anyhow::Result<ExitCode> {
     let flows = load_flows(&settings.flows, &registry)?;
     let channels = Arc::new(load_channels(&settings, &flows)?);
-    let db = Database::connect(&settings.database)
+    // `settings.database` prints without its password.
+    let db = Database::connect_with(settings.database.expose(), settings.database_timeout)
         .await
         .with_context(|| format!("opening {}", settings.database))?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
