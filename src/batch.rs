@@ -13,7 +13,7 @@ use canvas_engine::clock::{Clock, SystemClock};
 use canvas_engine::runtime::{FlowSet, Runtime, Stats};
 use canvas_engine::scenario::parse_time;
 use canvas_engine::state::InboxItem;
-use canvas_engine::store::{Database, Store};
+use canvas_engine::store::{Database, DatabaseUrl, Store};
 
 /// The longest line `canvas ingest` reads.
 pub const MAX_LINE_BYTES: usize = 1024 * 1024;
@@ -64,11 +64,11 @@ pub fn read_items(path: &Path) -> anyhow::Result<Vec<InboxItem>> {
     Ok(items)
 }
 
-pub fn ingest(file: &Path, database: &str) -> anyhow::Result<ExitCode> {
+pub fn ingest(file: &Path, database: &DatabaseUrl) -> anyhow::Result<ExitCode> {
     let items = read_items(file)?;
     let rt = runtime()?;
     rt.block_on(async {
-        let db = Database::connect(database)
+        let db = Database::connect(database.expose())
             .await
             .with_context(|| format!("opening {database}"))?;
         let mut accepted = 0;
@@ -87,7 +87,7 @@ pub fn ingest(file: &Path, database: &str) -> anyhow::Result<ExitCode> {
 
 /// Apply the inbox and fire every timer due at `at` (default: now by the system clock).
 pub fn run(
-    database: &str,
+    database: &DatabaseUrl,
     flows: &Path,
     at: Option<&str>,
     batch: usize,
@@ -111,7 +111,7 @@ pub fn run(
     let policy = canvas_engine::testing::policy_for(flows).map_err(|e| anyhow::anyhow!("{e}"))?;
     let rt = runtime()?;
     rt.block_on(async {
-        let db = Database::connect(database)
+        let db = Database::connect(database.expose())
             .await
             .with_context(|| format!("opening {database}"))?;
         let mut runtime = Runtime::new(db, flow_set, policy, registry.clone());

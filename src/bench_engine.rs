@@ -68,7 +68,7 @@ async fn fresh(database: Option<&str>, tag: &str) -> anyhow::Result<Fresh> {
             let schema = format!("canvas_bench_{tag}_{}", std::process::id());
             let store = canvas_engine::store::PgStore::connect_with_schema(url, &schema)
                 .await
-                .with_context(|| format!("connecting to {url}"))?;
+                .with_context(|| format!("connecting to {}", canvas_engine::store::redact(url)))?;
             Ok(Fresh {
                 db: Database::Postgres(store),
                 label: "postgres (local server)".to_owned(),

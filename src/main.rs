@@ -4,6 +4,7 @@ mod batch;
 mod bench;
 mod bench_engine;
 mod bench_serve;
+mod log;
 mod output;
 mod play;
 mod serve;
@@ -14,6 +15,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
+use canvas_engine::store::DatabaseUrl;
 
 /// mimalloc instead of glibc's malloc: the engine allocates and frees many short-lived
 /// strings across threads (rows built on one thread, freed on another), where glibc spent
@@ -78,13 +80,13 @@ enum Command {
         /// "data":{…},"occurred_at":"…"}` or `{"kind":"profile","customer_id":…,"set":{…},"at":"…"}`.
         file: PathBuf,
         #[arg(long, default_value = "sqlite://canvas.db")]
-        database: String,
+        database: DatabaseUrl,
     },
     /// Apply the inbox and fire due timers once, then exit (a batch job; `canvas serve` will
     /// do this continuously). Safe to kill and rerun at any moment.
     Run {
         #[arg(long, default_value = "sqlite://canvas.db")]
-        database: String,
+        database: DatabaseUrl,
         #[arg(long, default_value = "flows")]
         flows: PathBuf,
         /// Run as if it were this time (`2026-03-14T09:00+08:00`); default: now.
@@ -98,7 +100,7 @@ enum Command {
     /// conversions per arm, and the lift of a holdout.
     Status {
         #[arg(long, default_value = "sqlite://canvas.db")]
-        database: String,
+        database: DatabaseUrl,
         /// One flow only.
         #[arg(long)]
         flow: Option<String>,
@@ -131,13 +133,7 @@ enum GraphFormat {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CANVAS_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    log::init();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
@@ -151,10 +147,34 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            let _ = writeln!(std::io::stderr(), "error: {e:#}");
+            // Errors quote URLs ("opening postgres://…"): never with their password.
+            let text = chain(&e);
+            let _ = writeln!(
+                std::io::stderr(),
+                "error: {}",
+                canvas_engine::store::redact(&text)
+            );
             ExitCode::from(2)
         }
     }
+}
+
+/// `e` and its causes, `: `-separated like `{:#}`, without a cause that its outer message
+/// already quotes (sqlx's and the store's messages repeat their source's text).
+fn chain(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    let mut outer = String::new();
+    for cause in e.chain() {
+        let message = cause.to_string();
+        if !outer.contains(&message) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&message);
+        }
+        outer = message;
+    }
+    text
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use canvas_engine::state::Arm;
-use canvas_engine::store::{ArmCount, Database, NodeCount, Store};
+use canvas_engine::store::{ArmCount, Database, DatabaseUrl, NodeCount, Store};
 use serde_json::json;
 
 use crate::Format;
@@ -100,13 +100,17 @@ impl Report {
     }
 }
 
-pub fn status(database: &str, flow: Option<&str>, format: Format) -> anyhow::Result<ExitCode> {
+pub fn status(
+    database: &DatabaseUrl,
+    flow: Option<&str>,
+    format: Format,
+) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     let report = rt.block_on(async {
-        let db = Database::connect(database)
+        let db = Database::connect(database.expose())
             .await
             .with_context(|| format!("opening {database}"))?;
         anyhow::Ok(Report::read(&db, flow).await?)

@@ -326,7 +326,7 @@ impl Request<'_> {
         let (status, retry_after, bytes, truncated) =
             match tokio::time::timeout(timeout, response).await {
                 Err(_) => return Err(DeliveryError::Timeout(timeout)),
-                Ok(Err(e)) => return Err(classify(&e, timeout)),
+                Ok(Err(e)) => return Err(classify(e, timeout)),
                 Ok(Ok(r)) => r,
             };
         outcome(status, retry_after, &bytes, truncated, msg.kind)
@@ -406,11 +406,14 @@ fn retry_after(headers: &HeaderMap, msg: &Message) -> Option<Duration> {
 }
 
 /// Class a transport failure: no answer in time, no connection, or a broken exchange.
-fn classify(e: &reqwest::Error, timeout: Duration) -> DeliveryError {
+fn classify(e: reqwest::Error, timeout: Duration) -> DeliveryError {
     if e.is_timeout() {
         return DeliveryError::Timeout(timeout);
     }
-    let reason = cause(e);
+    // The reason is stored and shown by the API: without the URL, which may carry a
+    // gateway's key or a webhook's credentials (the row names its channel anyway).
+    let e = e.without_url();
+    let reason = cause(&e);
     if e.is_connect() {
         DeliveryError::Connect(reason)
     } else if e.is_builder() {

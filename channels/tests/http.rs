@@ -309,10 +309,16 @@ async fn idempotency_key_is_ascii_for_any_customer_id() {
     for r in &reqs {
         assert_eq!(r.header("idempotency-key"), Some(wire));
     }
-    assert_eq!(reqs[0].json()["key"], wire, "the envelope's key matches the header");
+    assert_eq!(
+        reqs[0].json()["key"],
+        wire,
+        "the envelope's key matches the header"
+    );
     assert_eq!(reqs[0].json()["customer_id"], "李雷 50%");
     assert_eq!(reqs[1].json()["ref"], wire, "so does a gateway template's");
-    let decoded = percent_encoding::percent_decode_str(wire).decode_utf8().unwrap();
+    let decoded = percent_encoding::percent_decode_str(wire)
+        .decode_utf8()
+        .unwrap();
     assert_eq!(decoded, key);
     // A key of plain ASCII goes unchanged.
     assert_eq!(

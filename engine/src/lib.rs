@@ -11,6 +11,7 @@ pub mod flow;
 pub mod model;
 pub mod policy;
 pub mod project;
+pub mod redact;
 pub mod registry;
 pub mod render;
 pub mod schema;

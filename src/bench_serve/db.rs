@@ -145,15 +145,9 @@ pub(super) fn with_database(url: &str, name: &str) -> anyhow::Result<String> {
     Ok(format!("{}/{name}{query}", &head[..authority_end]))
 }
 
-/// A URL without the password of `scheme://user:password@host`.
+/// A URL (or a message quoting one) without its secrets: the engine's one redaction.
 pub(super) fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => match url[s + 3..at].split_once(':') {
-            Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
-            None => url.to_owned(),
-        },
-        _ => url.to_owned(),
-    }
+    canvas_engine::store::redact(url).into_owned()
 }
 
 /// A read-only connection for [`watch_outbox`].

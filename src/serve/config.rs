@@ -4,15 +4,19 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use canvas_engine::policy::Policy;
+use canvas_engine::store::DatabaseUrl;
 use serde::Deserialize;
 
 /// The longest request body, by default (a batch of 1,000 events of ~4 KB each).
 pub const DEFAULT_MAX_BODY: usize = 4 * 1024 * 1024;
 /// The most events (or Segment messages) in one batch, by default.
 pub const DEFAULT_MAX_BATCH: usize = 1000;
+/// The shortest `database_timeout` accepted: below it a busy but healthy database fails.
+const MIN_DATABASE_TIMEOUT: Duration = Duration::from_millis(100);
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
@@ -25,8 +29,14 @@ pub struct ServeArgs {
     pub config: Option<PathBuf>,
     /// `sqlite://PATH` or `postgres://…`. Env: CANVAS_DATABASE_URL. Default:
     /// `sqlite://canvas.db`.
-    #[arg(long, env = "CANVAS_DATABASE_URL")]
-    pub database: Option<String>,
+    // `hide_env_values`: `--help` would print the URL from the environment, password and all.
+    #[arg(long, env = "CANVAS_DATABASE_URL", hide_env_values = true)]
+    pub database: Option<DatabaseUrl>,
+    /// How long to wait for the database before giving up: a request answers 503 and
+    /// start-up fails after this long (`500ms`, `5s`). Env: CANVAS_DATABASE_TIMEOUT.
+    /// Default: 5s.
+    #[arg(long, env = "CANVAS_DATABASE_TIMEOUT")]
+    pub database_timeout: Option<String>,
     /// Address to listen on. Env: CANVAS_LISTEN. Default: 127.0.0.1:8080.
     #[arg(long, env = "CANVAS_LISTEN")]
     pub listen: Option<SocketAddr>,
@@ -40,6 +50,8 @@ pub struct ServerSection {
     pub listen: Option<String>,
     /// `sqlite://PATH` or `postgres://…`.
     pub database: Option<String>,
+    /// How long to wait for the database (default 5s), e.g. `2s`.
+    pub database_timeout: Option<String>,
     /// Bearer tokens: each names its scope and where its secret is.
     #[serde(default)]
     pub tokens: Vec<TokenSpec>,
@@ -106,13 +118,16 @@ pub struct LimitsSpec {
     pub max_batch: Option<usize>,
 }
 
-/// Everything `canvas serve` runs with, resolved.
-#[derive(Debug)]
+/// Everything `canvas serve` runs with, resolved. Its `Debug` shows no secret: the database
+/// URL without its password, tokens and write keys by count.
 pub struct Settings {
     pub flows: PathBuf,
     pub config: Option<PathBuf>,
     pub policy: Policy,
-    pub database: String,
+    pub database: DatabaseUrl,
+    /// The longest wait for the database (pool, connection, SQLite lock; each API request's
+    /// database work as a whole).
+    pub database_timeout: Duration,
     pub listen: SocketAddr,
     /// `(token, scope)`.
     pub tokens: Vec<(String, Scope)>,
@@ -122,6 +137,27 @@ pub struct Settings {
     pub customer_lease: std::time::Duration,
     pub outbox_lease: std::time::Duration,
     pub dead_after: std::time::Duration,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("flows", &self.flows)
+            .field("config", &self.config)
+            .field("database", &self.database)
+            .field("database_timeout", &self.database_timeout)
+            .field("listen", &self.listen)
+            .field("tokens", &format_args!("{} token(s)", self.tokens.len()))
+            .field(
+                "write_keys",
+                &format_args!("{} key(s)", self.write_keys.len()),
+            )
+            .field("max_body", &self.max_body)
+            .field("max_batch", &self.max_batch)
+            .field("customer_lease", &self.customer_lease)
+            .field("outbox_lease", &self.outbox_lease)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Settings {
@@ -150,8 +186,27 @@ impl Settings {
             .unwrap_or_default();
         let database = args
             .database
-            .or(section.database)
-            .unwrap_or_else(|| "sqlite://canvas.db".to_owned());
+            .or(section.database.map(DatabaseUrl::from))
+            .unwrap_or_else(|| DatabaseUrl::from("sqlite://canvas.db"));
+        let timeout = match (args.database_timeout, section.database_timeout) {
+            (Some(t), _) => Some(("--database-timeout (CANVAS_DATABASE_TIMEOUT)", t)),
+            (None, Some(t)) => Some(("server.database_timeout", t)),
+            (None, None) => None,
+        };
+        let database_timeout = match timeout {
+            None => canvas_engine::store::DEFAULT_TIMEOUT,
+            Some((what, t)) => {
+                let d = canvas_channels::parse_duration(&t).with_context(|| what.to_owned())?;
+                if d < MIN_DATABASE_TIMEOUT {
+                    bail!(
+                        "{what}: `{t}` is shorter than {}ms, which would fail a busy but healthy \
+                         database",
+                        MIN_DATABASE_TIMEOUT.as_millis()
+                    );
+                }
+                d
+            }
+        };
         let listen = match args.listen {
             Some(a) => a,
             None => match &section.listen {
@@ -225,6 +280,7 @@ impl Settings {
             config,
             policy,
             database,
+            database_timeout,
             listen,
             tokens,
             write_keys,
@@ -289,6 +345,7 @@ mod tests {
             flows: Some(PathBuf::from("/nonexistent/flows")),
             config: None,
             database: None,
+            database_timeout: None,
             listen: None,
         }
     }
@@ -299,7 +356,8 @@ mod tests {
             (v == "CANVAS_API_TOKEN").then(|| "t1".to_owned())
         })
         .expect("resolves");
-        assert_eq!(s.database, "sqlite://canvas.db");
+        assert_eq!(s.database.expose(), "sqlite://canvas.db");
+        assert_eq!(s.database_timeout, Duration::from_secs(5));
         assert_eq!(s.listen, SocketAddr::from(([127, 0, 0, 1], 8080)));
         assert_eq!(s.tokens, vec![("t1".to_owned(), Scope::Write)]);
         assert_eq!(s.max_batch, DEFAULT_MAX_BATCH);
@@ -326,7 +384,7 @@ mod tests {
         a.config = Some(path.clone());
         a.database = Some("sqlite://flag.db".into());
         let s = Settings::resolve(a, |v| (v == "RO").then(|| "ro".to_owned())).expect("resolves");
-        assert_eq!(s.database, "sqlite://flag.db");
+        assert_eq!(s.database.expose(), "sqlite://flag.db");
         assert_eq!(s.listen, SocketAddr::from(([127, 0, 0, 1], 9000)));
         assert_eq!(s.tokens, vec![("ro".to_owned(), Scope::Read)]);
         assert_eq!(s.max_batch, 10);
@@ -335,6 +393,49 @@ mod tests {
         a.config = Some(path);
         let e = Settings::resolve(a, |_| None).expect_err("missing env");
         assert!(e.to_string().contains("`RO` is not set"), "{e}");
+    }
+
+    #[test]
+    fn database_timeout_from_flag_or_file_and_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("canvas.yaml");
+        std::fs::write(&path, "server:\n  database_timeout: 2s\n").expect("write");
+        let mut a = args();
+        a.config = Some(path.clone());
+        let s = Settings::resolve(a, |_| None).expect("resolves");
+        assert_eq!(s.database_timeout, Duration::from_secs(2));
+        let mut a = args();
+        a.config = Some(path);
+        a.database_timeout = Some("750ms".into());
+        let s = Settings::resolve(a, |_| None).expect("resolves");
+        assert_eq!(s.database_timeout, Duration::from_millis(750));
+        for (bad, says) in [("5", "no unit"), ("10ms", "shorter than 100ms")] {
+            let mut a = args();
+            a.database_timeout = Some(bad.into());
+            let e = Settings::resolve(a, |_| None).expect_err("refused");
+            let text = format!("{e:#}");
+            assert!(
+                text.contains("--database-timeout") && text.contains(says),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn settings_debug_shows_no_secret() {
+        let mut a = args();
+        a.database = Some(
+            "postgres://canvas:PLANTED-pw@db/canvas"
+                .parse()
+                .expect("url"),
+        );
+        let s = Settings::resolve(a, |v| {
+            (v == "CANVAS_API_TOKEN").then(|| "PLANTED-token".to_owned())
+        })
+        .expect("resolves");
+        let text = format!("{s:?}");
+        assert!(!text.contains("PLANTED"), "{text}");
+        assert!(text.contains("postgres://canvas:***@db/canvas"), "{text}");
     }
 
     #[test]

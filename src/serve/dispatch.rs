@@ -349,7 +349,8 @@ fn record(
             "handed_back"
         }
         Err(e) => {
-            let reason = e.reason();
+            // Stored, logged and fed back to a waiting call: never with a URL's secrets.
+            let reason = canvas_engine::store::redact(&e.reason()).into_owned();
             let wait = if e.is_retryable() {
                 let retry = channels
                     .retry_config(&d.row.channel)

@@ -174,8 +174,9 @@ async fn serve(settings: Settings, registry: Registry) -> anyhow::Result<ExitCod
         std::process::id(),
         clock.now().timestamp_millis()
     );
-    let _sqlite_lock = liveness::lock_sqlite(&settings.database, &owner)?;
-    let db = Database::connect(&settings.database)
+    let _sqlite_lock = liveness::lock_sqlite(settings.database.expose(), &owner)?;
+    // `settings.database` prints without its password.
+    let db = Database::connect_with(settings.database.expose(), settings.database_timeout)
         .await
         .with_context(|| format!("opening {}", settings.database))?;
     liveness::take_over_at_start(&db, &owner, clock.now()).await?;

@@ -3,6 +3,7 @@
 //! commits in one transaction with a handful of statements, never one statement per row.
 
 use std::future::Future;
+use std::time::Duration;
 
 use crate::state::{
     Batch, Conversion, CustomerState, Delivery, DeliveryOutcome, DeliveryState, FlowCounts,
@@ -14,6 +15,7 @@ pub mod postgres;
 pub mod raw;
 pub mod sqlite;
 
+pub use crate::redact::{DatabaseUrl, redact};
 pub use postgres::PgStore;
 pub use sqlite::{Durability, SqliteStore};
 
@@ -28,6 +30,9 @@ pub enum StoreError {
     Task(String),
     #[error("unsupported database URL `{0}`: use sqlite://PATH, sqlite::memory: or postgres://…")]
     Url(String),
+    /// The database did not answer within the timeout given to [`Database::connect_with`].
+    #[error("the database did not answer within {0:?}")]
+    Timeout(Duration),
     /// `PgStore::connect_with_schema` takes lower-case SQL identifiers only.
     #[error("invalid schema name `{0}`: use a lower-case SQL identifier ([a-z_][a-z0-9_]*)")]
     Schema(String),
@@ -48,6 +53,11 @@ pub enum StoreError {
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// How long a store waits for the database by default: for a free connection of its pool, a
+/// new connection, or (SQLite) another process's write lock. An outage is reported after this
+/// long instead of holding every caller for sqlx's 30 s.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How many runs wait at each step of a flow right now.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -339,8 +349,16 @@ pub enum Database {
 
 impl Database {
     /// `sqlite://PATH` (created if missing; `?durability=full` syncs every commit, see
-    /// [`Durability`]), `sqlite::memory:`, or `postgres://…` / `postgresql://…`.
+    /// [`Durability`]), `sqlite::memory:`, or `postgres://…` / `postgresql://…`, waiting for
+    /// the database at most [`DEFAULT_TIMEOUT`] (see [`Database::connect_with`]).
     pub async fn connect(url: &str) -> Result<Database> {
+        Database::connect_with(url, DEFAULT_TIMEOUT).await
+    }
+
+    /// [`Database::connect`] with the longest wait for the database: to connect (so an
+    /// unreachable database fails this fast), and later for a free connection of the pool and,
+    /// on SQLite, for another process's write lock. Errors never carry the URL's password.
+    pub async fn connect_with(url: &str, timeout: Duration) -> Result<Database> {
         if url == "sqlite::memory:" || url == "sqlite://:memory:" {
             return Ok(Database::Sqlite(SqliteStore::memory().await?));
         }
@@ -350,20 +368,22 @@ impl Database {
                 durability = match pair {
                     "durability=normal" => Durability::Normal,
                     "durability=full" => Durability::Full,
-                    _ => return Err(StoreError::Url(redact(url))),
+                    _ => return Err(StoreError::Url(redact(url).into_owned())),
                 };
             }
             if path.is_empty() {
-                return Err(StoreError::Url(redact(url)));
+                return Err(StoreError::Url(redact(url).into_owned()));
             }
             return Ok(Database::Sqlite(
-                SqliteStore::open_with(path, durability).await?,
+                SqliteStore::open_with_timeout(path, durability, timeout).await?,
             ));
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            return Ok(Database::Postgres(PgStore::connect(url).await?));
+            return Ok(Database::Postgres(
+                PgStore::connect_with_timeout(url, timeout).await?,
+            ));
         }
-        Err(StoreError::Url(redact(url)))
+        Err(StoreError::Url(redact(url).into_owned()))
     }
 
     /// The file a `sqlite://PATH` URL names (`None`: in memory, or not SQLite).
@@ -390,20 +410,6 @@ impl Database {
             Database::Sqlite(_) => "sqlite",
             Database::Postgres(_) => "postgres",
         }
-    }
-}
-
-/// A URL for an error message: without the password of `scheme://user:password@host`.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
     }
 }
 

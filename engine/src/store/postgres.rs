@@ -12,6 +12,7 @@
 use std::collections::HashSet;
 use std::str::FromStr;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool, Postgres};
@@ -21,7 +22,7 @@ use super::codec::{
     FlowCountsRow, FlowVersionRow, HistoryRow, InboxRow, NodeCountRow, OutboxDbRow, OutboxDepthRow,
     RunRow, Settle, arm_str, ms, opt_ms, to_json,
 };
-use super::{Counts, NodeCount, Result, Store, StoreError, Takeover};
+use super::{Counts, DEFAULT_TIMEOUT, NodeCount, Result, Store, StoreError, Takeover};
 use crate::state::{
     Batch, Conversion, Customer, CustomerState, Delivery, DeliveryOutcome, DeliveryState,
     Enrolment, FlowCounts, FlowVersion, HistoryEntry, InboxItem, OutboxDepth, OutboxRow, Run, Time,
@@ -45,8 +46,17 @@ pub struct PgStore {
 impl PgStore {
     /// Connect with the URL's own `search_path` (normally `public`) and run the migrations.
     pub async fn connect(url: &str) -> Result<PgStore> {
+        PgStore::connect_with_timeout(url, DEFAULT_TIMEOUT).await
+    }
+
+    /// [`PgStore::connect`], waiting at most `timeout` for a connection — now, and later
+    /// whenever the pool has to hand one out or open one.
+    pub async fn connect_with_timeout(url: &str, timeout: Duration) -> Result<PgStore> {
         let options = PgConnectOptions::from_str(url)?;
-        PgStore::open(options.options(SESSION), None).await
+        // One plain connection first: the pool retries a refused connection until its timeout
+        // and then says only that it timed out; this says why (refused, no such role, TLS…).
+        connect_once(&options, timeout).await?.close().await?;
+        PgStore::open(options.options(SESSION), None, timeout).await
     }
 
     /// Connect with every table in `schema` (created if missing): several deployments, or
@@ -62,20 +72,32 @@ impl PgStore {
             return Err(StoreError::Schema(schema.to_owned()));
         }
         let options = PgConnectOptions::from_str(url)?;
-        let mut conn = options.connect().await?;
+        let timeout = DEFAULT_TIMEOUT;
+        let mut conn = connect_once(&options, timeout).await?;
         sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
             .execute(&mut conn)
             .await?;
         conn.close().await?;
         let options = options.options(SESSION).options([("search_path", schema)]);
-        PgStore::open(options, Some(schema.to_owned())).await
+        PgStore::open(options, Some(schema.to_owned()), timeout).await
     }
 
-    async fn open(options: PgConnectOptions, schema: Option<String>) -> Result<PgStore> {
+    async fn open(
+        options: PgConnectOptions,
+        schema: Option<String>,
+        timeout: Duration,
+    ) -> Result<PgStore> {
+        // `acquire_timeout` bounds connecting too: sqlx retries a refused connection until
+        // it runs out, and gives up on one that does not answer.
         let pool = PgPoolOptions::new()
             .max_connections(8)
+            .acquire_timeout(timeout)
             .connect_with(options)
-            .await?;
+            .await
+            .map_err(|e| match e {
+                sqlx::Error::PoolTimedOut => StoreError::Timeout(timeout),
+                e => e.into(),
+            })?;
         MIGRATOR.run(&pool).await?;
         Ok(PgStore { pool, schema })
     }
@@ -106,6 +128,14 @@ impl PgStore {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// One connection, or [`StoreError::Timeout`] when the server does not finish the handshake
+/// within `timeout` (a host that accepts connections and never answers).
+async fn connect_once(options: &PgConnectOptions, timeout: Duration) -> Result<sqlx::PgConnection> {
+    Ok(tokio::time::timeout(timeout, options.connect())
+        .await
+        .map_err(|_| StoreError::Timeout(timeout))??)
 }
 
 const RUN_SELECT: &str = "id, flow, version, customer_id, status, step, wake_at, waiting_for, \

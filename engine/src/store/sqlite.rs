@@ -31,14 +31,16 @@ use std::time::Duration;
 use sqlx::sqlite::{
     SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Sqlite, SqliteConnection, SqlitePool, Transaction};
+use sqlx::{
+    ConnectOptions as _, Connection as _, Sqlite, SqliteConnection, SqlitePool, Transaction,
+};
 
 use super::codec::{
     self, ClaimedRow, ConversionRow, CountsRow, CustomerRow, DeliveryStateRow, EnrolmentRow,
     FlowCountsRow, FlowVersionRow, HistoryRow, InboxRow, NodeCountRow, OutboxDbRow, OutboxDepthRow,
     RUN_COLUMNS, RunRow, Settle, arm_str, ms, opt_ms, to_json,
 };
-use super::{Counts, NodeCount, Result, Store, StoreError, Takeover};
+use super::{Counts, DEFAULT_TIMEOUT, NodeCount, Result, Store, StoreError, Takeover};
 use crate::state::{
     Batch, Conversion, Customer, CustomerState, Delivery, DeliveryOutcome, DeliveryState,
     Enrolment, FlowCounts, FlowVersion, HistoryEntry, InboxItem, OutboxDepth, OutboxRow, Run, Time,
@@ -84,6 +86,20 @@ impl SqliteStore {
     }
 
     pub async fn open_with(path: impl AsRef<Path>, durability: Durability) -> Result<SqliteStore> {
+        SqliteStore::open_with_timeout(path, durability, DEFAULT_TIMEOUT).await
+    }
+
+    /// [`SqliteStore::open_with`], waiting `timeout` for another process's lock on the file
+    /// (SQLite's busy timeout) and a quarter more for a free connection of a pool. A writer
+    /// that holds the file longer makes callers fail after that long, not hang.
+    pub async fn open_with_timeout(
+        path: impl AsRef<Path>,
+        durability: Durability,
+        timeout: Duration,
+    ) -> Result<SqliteStore> {
+        // The pools wait a little longer than SQLite's busy timeout, so a lock held by another
+        // process ends in SQLite's own "database is locked" rather than a bare pool timeout.
+        let acquire = timeout + timeout / 4;
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -92,22 +108,32 @@ impl SqliteStore {
                 Durability::Normal => SqliteSynchronous::Normal,
                 Durability::Full => SqliteSynchronous::Full,
             })
-            .busy_timeout(Duration::from_secs(30))
+            .busy_timeout(timeout)
             // Room for every statement size of every table (10 × 11) and the reads.
             .statement_cache_capacity(256)
             // 32 MiB of page cache per connection; temporary b-trees (sorts) in memory.
             .pragma("cache_size", "-32768")
             .pragma("temp_store", "memory");
+        // One plain connection first. It sets the journal mode, so a file another process
+        // holds locked fails here with SQLite's own "database is locked"; the pool would retry
+        // and report a bare timeout.
+        tokio::time::timeout(acquire, options.connect())
+            .await
+            .map_err(|_| StoreError::Timeout(timeout))??
+            .close()
+            .await?;
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
             .idle_timeout(None)
             .max_lifetime(None)
+            .acquire_timeout(acquire)
             .connect_with(options.clone())
             .await?;
         MIGRATOR.run(&write).await?;
         let read = SqlitePoolOptions::new()
             .max_connections(4)
+            .acquire_timeout(acquire)
             .idle_timeout(None)
             .max_lifetime(None)
             .connect_with(options)

@@ -1,30 +1,39 @@
 //! The HTTP API (see docs/api.md). Every answer is JSON; every failure is a 4xx with
 //! `{"error":{"code","message"}}` saying what is wrong — never a 500 for bad input.
 
+mod request;
+mod segment;
+
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use base64::Engine as _;
 use canvas_engine::state::{Event, InboxItem, ProfileUpdate, RunStatus, Time};
-use canvas_engine::store::Store;
+use canvas_engine::store::{Store, redact};
 use serde::Deserialize;
 use serde_json::{Map, Value as Json, json};
 
 use super::App;
 use super::config::Scope;
 use super::metrics::{Metrics, StatusLabel};
+use request::{ApiError, ApiResult, authorize, parse};
+use segment::{segment_batch, segment_identify, segment_track};
 
 /// Longest id (event, customer, message) accepted.
 pub const MAX_ID: usize = 256;
 /// Longest event name accepted.
 pub const MAX_NAME: usize = 128;
+/// `/readyz` answers within this, whatever the database does: a probe that hangs is taken
+/// for a dead process, and probes time out after a second or so.
+const READY_TIMEOUT: Duration = Duration::from_millis(800);
 
 pub fn router(app: Arc<App>) -> Router {
     let max_body = app.settings.max_body;
@@ -44,68 +53,12 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/identify", post(segment_identify))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        // Inside out: the handler's work is bounded once the body is read whole.
+        .layer(from_fn_with_state(app.clone(), request::bound))
+        .layer(from_fn_with_state(app.clone(), request::limit_body))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(app)
 }
-
-// ---------------------------------------------------------------------------------------------
-// Errors
-
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-}
-
-impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-        }
-    }
-
-    fn bad(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
-    }
-
-    fn not_found(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut response = (
-            self.status,
-            axum::Json(json!({ "error": { "code": self.code, "message": self.message } })),
-        )
-            .into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
-        }
-        response
-    }
-}
-
-/// A database failure: the request was fine, the daemon could not serve it now.
-impl From<canvas_engine::store::StoreError> for ApiError {
-    fn from(e: canvas_engine::store::StoreError) -> ApiError {
-        tracing::error!("database: {e}");
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "the database is not available; retry later",
-        )
-    }
-}
-
-type ApiResult = Result<Response, ApiError>;
 
 async fn not_found() -> ApiError {
     ApiError::not_found("no such endpoint; see docs/api.md")
@@ -117,98 +70,6 @@ async fn method_not_allowed() -> ApiError {
         "method_not_allowed",
         "this endpoint does not take that method; see docs/api.md",
     )
-}
-
-/// The body as JSON of type `T`, or a 4xx that says why not.
-fn parse<T: serde::de::DeserializeOwned>(
-    body: Result<Bytes, BytesRejection>,
-) -> Result<T, ApiError> {
-    let bytes = body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                "the request body is larger than the limit (server.limits.max_body_bytes)",
-            )
-        } else {
-            ApiError::bad(format!("cannot read the request body: {r}"))
-        }
-    })?;
-    if bytes.is_empty() {
-        return Err(ApiError::bad("the request body is empty; send JSON"));
-    }
-    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad(format!("invalid JSON: {e}")))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Auth
-
-/// Bearer-token check; with no token configured (loopback only) everything is allowed.
-fn authorize(app: &App, headers: &HeaderMap, need: Scope) -> Result<(), ApiError> {
-    if app.settings.tokens.is_empty() {
-        return Ok(());
-    }
-    let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .ok_or_else(|| unauthorized("missing `Authorization: Bearer <token>`"))?;
-    let token = value
-        .to_str()
-        .ok()
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <token>`"))?;
-    let scope = app
-        .settings
-        .tokens
-        .iter()
-        .filter(|(t, _)| same(t.as_bytes(), token.trim().as_bytes()))
-        .map(|(_, s)| *s)
-        .max()
-        .ok_or_else(|| unauthorized("unknown token"))?;
-    if scope < need {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "this token may only read; writing needs a write token",
-        ));
-    }
-    Ok(())
-}
-
-/// Segment-style auth: the write key as the HTTP basic-auth user.
-fn authorize_write_key(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
-    let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
-    if app.settings.write_keys.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_configured",
-            "Segment ingestion is off: set CANVAS_WRITE_KEY or `server.segment` in canvas.yaml",
-        ));
-    }
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Basic "))
-        .ok_or_else(|| unauthorized("missing basic auth with the write key as the user"))?;
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(value.trim())
-        .map_err(|_| unauthorized("the basic-auth value is not base64"))?;
-    let user = decoded.split(|b| *b == b':').next().unwrap_or_default();
-    if app
-        .settings
-        .write_keys
-        .iter()
-        .any(|k| same(k.as_bytes(), user))
-    {
-        Ok(())
-    } else {
-        Err(unauthorized("unknown write key"))
-    }
-}
-
-/// Compare secrets in time independent of where they differ.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -226,18 +87,20 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
         )
             .into_response();
     }
-    // A small table: the probe must stay cheap however large the outbox grows.
-    match app.db.paused_flows().await {
-        Ok(_) => axum::Json(json!({ "status": "ready" })).into_response(),
-        Err(e) => {
-            tracing::warn!("readyz: {e}");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                axum::Json(json!({ "status": "database unavailable" })),
-            )
-                .into_response()
-        }
-    }
+    // A small table: the probe must stay cheap however large the outbox grows. Within the
+    // request bound too, so the probe always answers in its own words.
+    let limit = READY_TIMEOUT.min(app.settings.database_timeout);
+    let problem = match tokio::time::timeout(limit, app.db.paused_flows()).await {
+        Ok(Ok(_)) => return axum::Json(json!({ "status": "ready" })).into_response(),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no answer within {limit:?}"),
+    };
+    tracing::warn!("readyz: database: {problem}");
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        axum::Json(json!({ "status": "database unavailable" })),
+    )
+        .into_response()
 }
 
 async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiResult {
@@ -378,7 +241,7 @@ async fn post_events(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     authorize(&app, &headers, Scope::Write)?;
-    let body: EventsBody = parse(body)?;
+    let body: EventsBody = parse(&headers, body)?;
     check_batch(&app, body.events.len())?;
     let now = app.clock.now();
     let mut items = Vec::with_capacity(body.events.len());
@@ -427,7 +290,7 @@ async fn put_customer(
 ) -> ApiResult {
     authorize(&app, &headers, Scope::Write)?;
     check_id("id", None, &id, MAX_ID)?;
-    let body: CustomerBody = parse(body)?;
+    let body: CustomerBody = parse(&headers, body)?;
     let update = profile_update(None, id, body.attributes, body.timezone, app.clock.now())?;
     accept(&app, &[InboxItem::Profile(update)], "api").await?;
     Ok((StatusCode::ACCEPTED, axum::Json(json!({ "accepted": 1 }))).into_response())
@@ -454,157 +317,6 @@ fn profile_update(
         timezone,
         at,
     })
-}
-
-// ---------------------------------------------------------------------------------------------
-// Segment / RudderStack ingestion: `track` → event, `identify` → profile upsert; `messageId`
-// deduplicates. Other message types (page, screen, group, alias) are acknowledged and
-// ignored, so SDKs do not retry them forever.
-
-#[derive(Debug, Deserialize)]
-struct SegmentBatch {
-    batch: Vec<Json>,
-}
-
-async fn segment_batch(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> ApiResult {
-    authorize_write_key(&app, &headers)?;
-    let body: SegmentBatch = parse(body)?;
-    check_batch(&app, body.batch.len())?;
-    segment_ingest(&app, body.batch, None).await
-}
-
-async fn segment_track(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> ApiResult {
-    segment_one(&app, &headers, body, "track").await
-}
-
-async fn segment_identify(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> ApiResult {
-    segment_one(&app, &headers, body, "identify").await
-}
-
-/// `/v1/track` and `/v1/identify`: one message of the kind the path names.
-async fn segment_one(
-    app: &App,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-    kind: &str,
-) -> ApiResult {
-    authorize_write_key(app, headers)?;
-    let msg: Json = parse(body)?;
-    segment_ingest(app, vec![msg], Some(kind)).await
-}
-
-async fn segment_ingest(app: &App, messages: Vec<Json>, kind: Option<&str>) -> ApiResult {
-    let now = app.clock.now();
-    let mut items = Vec::with_capacity(messages.len());
-    let mut ignored = 0usize;
-    for (i, msg) in messages.into_iter().enumerate() {
-        match segment_item(&msg, kind, now)
-            .map_err(|m| ApiError::bad(format!("batch[{i}]: {m}")))?
-        {
-            Some(item) => items.push(item),
-            None => ignored += 1,
-        }
-    }
-    let (accepted, duplicates) = if items.is_empty() {
-        (0, 0)
-    } else {
-        accept(app, &items, "segment").await?
-    };
-    Ok(axum::Json(json!({
-        "success": true,
-        "accepted": accepted,
-        "duplicates": duplicates,
-        "ignored": ignored,
-    }))
-    .into_response())
-}
-
-fn str_field<'a>(msg: &'a Json, key: &str) -> Option<&'a str> {
-    msg.get(key)
-        .and_then(Json::as_str)
-        .filter(|s| !s.is_empty())
-}
-
-/// One Segment message as an inbox item; `None` for a type Canvas does not use or a
-/// message without a `userId` (Canvas journeys are per known customer).
-fn segment_item(msg: &Json, kind: Option<&str>, now: Time) -> Result<Option<InboxItem>, String> {
-    if !msg.is_object() {
-        return Err("a message must be a JSON object".into());
-    }
-    let kind = match (kind, str_field(msg, "type")) {
-        (Some(k), _) => k,
-        (None, Some(t)) => t,
-        (None, None) => return Err("`type` is missing".into()),
-    };
-    let Some(user) = str_field(msg, "userId") else {
-        return Ok(None);
-    };
-    let check =
-        |what: &str, v: &str, max: usize| check_id(what, None, v, max).map_err(|e| e.message);
-    check("userId", user, MAX_ID)?;
-    let at = match str_field(msg, "timestamp").or_else(|| str_field(msg, "originalTimestamp")) {
-        Some(t) => parse_time("timestamp", t).map_err(|e| e.message)?,
-        None => now,
-    };
-    let message_id = str_field(msg, "messageId");
-    match kind {
-        "track" => {
-            let name = str_field(msg, "event").ok_or("a track message needs `event`")?;
-            check("event", name, MAX_NAME)?;
-            let id = message_id.ok_or("a track message needs `messageId`")?;
-            check("messageId", id, MAX_ID)?;
-            let data = match msg.get("properties") {
-                None | Some(Json::Null) => Json::Object(Map::new()),
-                Some(p @ Json::Object(_)) => p.clone(),
-                Some(_) => return Err("`properties` must be an object".into()),
-            };
-            Ok(Some(InboxItem::Event(Event {
-                id: id.to_owned(),
-                customer_id: user.to_owned(),
-                name: name.to_owned(),
-                data,
-                occurred_at: at,
-            })))
-        }
-        "identify" => {
-            let traits = match msg.get("traits") {
-                None | Some(Json::Null) => Map::new(),
-                Some(Json::Object(t)) => t.clone(),
-                Some(_) => return Err("`traits` must be an object".into()),
-            };
-            let timezone = msg
-                .get("context")
-                .and_then(|c| c.get("timezone"))
-                .and_then(Json::as_str)
-                .map(str::to_owned);
-            if let Some(id) = message_id {
-                check("messageId", id, MAX_ID)?;
-            }
-            profile_update(
-                message_id.map(str::to_owned),
-                user.to_owned(),
-                traits,
-                timezone,
-                at,
-            )
-            .map(|u| Some(InboxItem::Profile(u)))
-            .map_err(|e| e.message)
-        }
-        "page" | "screen" | "group" | "alias" => Ok(None),
-        other => Err(format!("unknown message type `{other}`")),
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -639,7 +351,8 @@ async fn journeys(
                         "status": d.status.as_str(),
                         "attempts": d.attempts,
                         "next_attempt_at": d.next_attempt_at,
-                        "last_error": d.last_error,
+                        // Reasons recorded before they were redacted at the source.
+                        "last_error": d.last_error.as_deref().map(redact),
                         "sent_at": d.sent_at,
                     })
                 })
@@ -786,11 +499,7 @@ async fn set_paused(app: Arc<App>, id: String, headers: HeaderMap, paused: bool)
     app.db.set_paused(&id, paused, app.clock.now()).await?;
     app.refresh_paused().await.map_err(|e| {
         tracing::error!("refreshing paused flows: {e:#}");
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "the database is not available; retry later",
-        )
+        ApiError::unavailable()
     })?;
     app.wake.notify_one();
     Ok(axum::Json(json!({ "id": id, "paused": paused })).into_response())
