@@ -13,7 +13,6 @@ use serde_json::{Value as Json, json};
 use crate::config::{ChannelSecrets, GatewayConfig, Method, Secret, WebhookConfig};
 use crate::message::{Delivered, DeliveryError, Message, MessageKind};
 use crate::signature::{IDEMPOTENCY_HEADER, SIGNATURE_HEADER, sign};
-use crate::url_template::{self, UrlTemplate};
 
 /// Responses larger than this are not read whole: a provider's answer is small, and an
 /// unbounded read would let a broken endpoint exhaust the daemon's memory.
@@ -110,7 +109,7 @@ pub(crate) struct Gateway {
 enum GatewayUrl {
     Fixed(Url),
     /// Rendered per message; its scheme, host and port are fixed all the same.
-    Template(Box<UrlTemplate>),
+    Template(Box<crate::url_template::UrlTemplate>),
 }
 
 /// The work one gateway template render may do (minijinja fuel, about one unit per
@@ -144,8 +143,8 @@ impl Gateway {
         secrets: &ChannelSecrets,
     ) -> Result<Gateway, String> {
         let mut env = environment();
-        let url = if url_template::is_template(&c.url) {
-            GatewayUrl::Template(Box::new(UrlTemplate::new(&c.url)?))
+        let url = if crate::url_template::is_template(&c.url) {
+            GatewayUrl::Template(Box::new(crate::url_template::UrlTemplate::new(&c.url)?))
         } else {
             GatewayUrl::Fixed(Url::parse(&c.url).map_err(|e| format!("`url`: {e}"))?)
         };
