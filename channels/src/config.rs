@@ -142,7 +142,9 @@ impl Tls {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
-    /// The gateway's address; may itself be a template (`…?to={{ to | urlencode }}`).
+    /// The gateway's address; may itself be a template (`https://gw.example/send?to={{ to }}`)
+    /// that starts with a fixed `scheme://host[:port]/`. Every value rendered into it is
+    /// percent-encoded.
     pub url: String,
     /// The HTTP method (default `POST`).
     #[serde(default)]
@@ -512,8 +514,8 @@ fn validate_channel(name: &str, channel: &ChannelConfig) -> Result<(), String> {
             check_headers(&c.headers, &c.headers_env)?;
         }
         ChannelConfig::Sms(c) | ChannelConfig::Wechat(c) => {
-            if c.url.contains("{{") || c.url.contains("{%") {
-                crate::http::compile("url", &c.url).map_err(|e| format!("`url`: {e}"))?;
+            if crate::url_template::is_template(&c.url) {
+                crate::url_template::UrlTemplate::new(&c.url)?;
             } else {
                 check_url(&c.url)?;
             }

@@ -93,8 +93,7 @@ impl Webhook {
 pub(crate) struct Gateway {
     name: String,
     kind: &'static str,
-    /// The fixed URL, or `None` when `url` is a template (named `url` in `env`).
-    url: Option<Url>,
+    url: GatewayUrl,
     method: Method,
     headers: HeaderMap,
     /// `body:` given (template `body` in `env`).
@@ -106,13 +105,27 @@ pub(crate) struct Gateway {
     timeout: Duration,
 }
 
+/// Where a gateway's requests go.
+#[derive(Debug)]
+enum GatewayUrl {
+    Fixed(Url),
+    /// Rendered per message; its scheme, host and port are fixed all the same.
+    Template(Box<crate::url_template::UrlTemplate>),
+}
+
+/// The work one gateway template render may do (minijinja fuel, about one unit per
+/// instruction): far more than a request body needs, and a loop that would hold a delivery
+/// worker fails the row instead.
+const TEMPLATE_FUEL: u64 = 100_000;
+
 /// A template environment for gateway requests: no auto-escaping (bodies are JSON or form
 /// data, not HTML; values go through `| tojson` or `| urlencode`), and a misspelt variable
 /// is an error rather than an empty string, so a typo cannot silently send blank messages.
-fn environment() -> Environment<'static> {
+pub(crate) fn environment() -> Environment<'static> {
     let mut env = Environment::new();
     env.set_auto_escape_callback(|_| AutoEscape::None);
     env.set_undefined_behavior(UndefinedBehavior::SemiStrict);
+    env.set_fuel(Some(TEMPLATE_FUEL));
     env
 }
 
@@ -131,12 +144,10 @@ impl Gateway {
         secrets: &ChannelSecrets,
     ) -> Result<Gateway, String> {
         let mut env = environment();
-        let url = if c.url.contains("{{") || c.url.contains("{%") {
-            env.add_template_owned("url", c.url.clone())
-                .map_err(|e| format!("`url`: {e}"))?;
-            None
+        let url = if crate::url_template::is_template(&c.url) {
+            GatewayUrl::Template(Box::new(crate::url_template::UrlTemplate::new(&c.url)?))
         } else {
-            Some(Url::parse(&c.url).map_err(|e| format!("`url`: {e}"))?)
+            GatewayUrl::Fixed(Url::parse(&c.url).map_err(|e| format!("`url`: {e}"))?)
         };
         if let Some(body) = &c.body {
             env.add_template_owned("body", body.clone())
@@ -196,13 +207,8 @@ impl Gateway {
             "data": msg.payload,
         });
         let url = match &self.url {
-            Some(u) => u.clone(),
-            None => {
-                let rendered = self.render("url", &ctx)?;
-                Url::parse(rendered.trim()).map_err(|e| {
-                    DeliveryError::Template(format!("`url` rendered `{rendered}`: {e}"))
-                })?
-            }
+            GatewayUrl::Fixed(u) => u.clone(),
+            GatewayUrl::Template(t) => t.render(&ctx)?,
         };
         let body = if self.method == Method::Get {
             None
@@ -237,8 +243,18 @@ impl Gateway {
         self.env
             .get_template(name)
             .and_then(|t| t.render(ctx))
-            .map_err(|e| DeliveryError::Template(format!("`{name}`: {e}")))
+            .map_err(|e| template_failure(name, &e))
     }
+}
+
+/// A gateway template (`url` or `body`) that failed to render, for the dead-letter list.
+pub(crate) fn template_failure(name: &str, e: &minijinja::Error) -> DeliveryError {
+    if e.kind() == minijinja::ErrorKind::OutOfFuel {
+        return DeliveryError::Template(format!(
+            "`{name}` needs more than {TEMPLATE_FUEL} steps to render (the template limit)"
+        ));
+    }
+    DeliveryError::Template(format!("`{name}`: {e}"))
 }
 
 /// The channel's fixed headers: `Content-Type: application/json` unless overridden (when

@@ -36,6 +36,7 @@ mod limit;
 mod message;
 mod retry;
 pub mod signature;
+mod url_template;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

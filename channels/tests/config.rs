@@ -293,3 +293,32 @@ fn docs_examples_parse_and_validate() {
         "the reference has an example per type ({checked} channels)"
     );
 }
+
+/// Regression: a gateway `url:` template could put a message value before the path, so
+/// customer data chose the host the request went to.
+#[test]
+fn gateway_url_templates_must_fix_the_scheme_and_host() {
+    for url in [
+        "{{ to }}",
+        "https://{{ to }}/send",
+        "https://sms.example{{ to }}",
+        "https://sms.example:{{ to }}/send",
+        "https://sms.example?to={{ to }}",
+        "{% if to %}https://a.example/{% else %}https://b.example/{% endif %}",
+    ] {
+        let config = parse(&format!("sms: {{ type: sms, url: '{url}' }}"))
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+        let err = config.validate().unwrap_err();
+        assert!(matches!(err, ConfigError::Invalid { .. }), "{url}: {err:?}");
+        assert!(
+            err.to_string()
+                .contains("must start with a fixed `scheme://host[:port]/`"),
+            "{url}: {err}"
+        );
+        let resolved = config.resolve(|_| None).unwrap();
+        assert!(Channels::from_config(resolved).is_err(), "{url}");
+    }
+    let ok = parse("sms: { type: sms, method: GET, url: 'https://sms.example/send?to={{ to }}' }")
+        .unwrap();
+    ok.validate().unwrap();
+}

@@ -411,6 +411,90 @@ legacy:
     );
 }
 
+/// Regression: a gateway `url:` template rendered values as they were, so a customer
+/// attribute (outsiders can set them through the public Segment write key) chose the
+/// request's path and query: `?to={{ to }}` with `1&admin=true#frag` went out as
+/// `/gw?to=1&admin=true`.
+#[tokio::test]
+async fn gateway_url_values_cannot_steer_the_request() {
+    let server = HttpServer::start().await;
+    let base = server.url("");
+    let yaml = format!(
+        r#"query:
+  type: sms
+  method: GET
+  url: "{base}/gw?to={{{{ to }}}}&ref={{{{ key }}}}"
+path:
+  type: sms
+  method: GET
+  url: "{base}/gw/{{{{ to }}}}/send"
+"#
+    );
+    let ch = channels(&yaml, &[]);
+
+    let msg = message(Some("1&admin=true#frag"), json!({ "text": "hi" }));
+    ch.deliver("query", &msg).await.unwrap_err(); // `/gw` is a 404 on the test server
+    ch.deliver("path", &message(Some("../ok?x=1"), json!({})))
+        .await
+        .unwrap_err();
+    let reqs = server.requests();
+    assert_eq!(reqs.len(), 2, "{reqs:?}");
+    assert_eq!(reqs[0].path, "/gw");
+    assert_eq!(
+        reqs[0].query.as_deref(),
+        Some("to=1%26admin%3Dtrue%23frag&ref=run-7%2Fstep-birthday")
+    );
+    // One path segment, whatever it holds: the request did not climb to `/ok`.
+    assert_eq!(reqs[1].path, "/gw/..%2Fok%3Fx%3D1/send");
+    assert_eq!(reqs[1].query, None);
+
+    // A value that is a whole `..` segment is refused without a request, for good.
+    let e = ch
+        .deliver("path", &message(Some(".."), json!({})))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, DeliveryError::Template(_)), "{e:?}");
+    assert!(!e.is_retryable());
+    assert!(e.reason().contains("`..` segment"), "{e}");
+    assert_eq!(server.requests().len(), 2);
+}
+
+/// Regression: a gateway template had no bound on its work, so a loop over the message
+/// held a delivery worker for as long as it ran.
+#[test]
+fn gateway_templates_cannot_hold_a_delivery_worker() {
+    // The delivery runs on a thread of its own: a render without a bound would never give
+    // the runtime back, so only a watchdog outside it can tell.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let result = rt.block_on(async {
+            let server = HttpServer::start().await;
+            let yaml = format!(
+                "sms:\n  type: sms\n  url: {}\n  body: \"{{% for a in text * 100000 %}}{{% for b in text * 100000 %}}.{{% endfor %}}{{% endfor %}}\"\n",
+                server.url("/ok")
+            );
+            let ch = channels(&yaml, &[]);
+            let e = ch
+                .deliver("sms", &message(Some("+1555"), json!({ "text": "x" })))
+                .await
+                .unwrap_err();
+            (e, server.requests().len())
+        });
+        let _ = tx.send(result);
+    });
+    let (e, requests) = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the delivery still renders after 20 s");
+    assert!(matches!(e, DeliveryError::Template(_)), "{e:?}");
+    assert!(e.reason().contains("needs more than 100000 steps"), "{e}");
+    assert!(!e.is_retryable());
+    assert_eq!(requests, 0);
+}
+
 #[tokio::test]
 async fn gateway_without_body_sends_the_webhook_envelope() {
     let server = HttpServer::start().await;
