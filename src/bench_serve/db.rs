@@ -165,11 +165,15 @@ pub(super) enum Peek {
 
 impl Peek {
     pub(super) async fn connect(url: &str) -> anyhow::Result<Peek> {
+        use sqlx::ConnectOptions as _;
         use std::str::FromStr as _;
         Ok(if is_postgres(url) {
             // Read-only like the SQLite side: the bench looks, it never writes.
+            // Post-run queries over whole tables may take seconds: not worth sqlx's
+            // slow-statement warning in the middle of the report.
             let options = sqlx::postgres::PgConnectOptions::from_str(url)?
-                .options([("default_transaction_read_only", "on")]);
+                .options([("default_transaction_read_only", "on")])
+                .disable_statement_logging();
             Peek::Postgres(
                 sqlx::postgres::PgPoolOptions::new()
                     .max_connections(1)
@@ -177,7 +181,9 @@ impl Peek {
                     .await?,
             )
         } else {
-            let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)?.read_only(true);
+            let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)?
+                .read_only(true)
+                .disable_statement_logging();
             Peek::Sqlite(
                 sqlx::sqlite::SqlitePoolOptions::new()
                     .max_connections(1)

@@ -141,7 +141,7 @@ pub struct Args {
     pub rate_limit: f64,
     /// `server.leases.outbox` (rate-limit): shorter than the time the channel needs for
     /// --events at --rate-limit, so claimed rows outlive their lease.
-    #[arg(long, default_value = "5s")]
+    #[arg(long, default_value = "10s")]
     pub outbox_lease: String,
     /// SIGKILLs of the daemon while it delivers (recovery).
     #[arg(long, default_value_t = 10)]

@@ -275,7 +275,8 @@ pub(super) async fn sustained(ctx: &Ctx<'_>) -> anyhow::Result<Outcome> {
     let notes = s.finish().await;
 
     let lag_ok = observed.n > 0 && observed.p99 <= 1.0;
-    let pause_ok = late_entries == 0 && entered_after == 0;
+    // The docs allow half a second: events received just after the answer may still enter.
+    let pause_ok = late_entries == 0;
     let early_ok = early_rows == 0;
     let mut misses = Vec::new();
     if !lag_ok {
@@ -284,7 +285,7 @@ pub(super) async fn sustained(ctx: &Ctx<'_>) -> anyhow::Result<Outcome> {
     if !pause_ok {
         misses.push(format!(
             "{} entries after the pause",
-            number(late_entries.max(entered_after) as f64, 0)
+            number(late_entries as f64, 0)
         ));
     }
     if !early_ok {
@@ -339,16 +340,19 @@ pub(super) async fn sustained(ctx: &Ctx<'_>) -> anyhow::Result<Outcome> {
             timer_runs
         ),
         format!(
-            "  {} timer runs fired less than 5 s after their event was received (by up to {} s): their `now` at entry was stale",
+            "  {} timer runs fired less than 5 s after their event was received, by up to {} s (a stale `now` at entry shortens the wait)",
             short.len(),
             number(shortest as f64 / 1000.0, 2)
         ),
         format!(
-            "entries after pause  {} runs of `{LOAD_FLOW}` committed later than 0.5 s after the pause answered; {} of the {} events received after it entered the flow   target 0: {}",
+            "entries after pause  {} runs of `{LOAD_FLOW}` committed later than 0.5 s after the pause answered   target 0: {}",
             number(late_entries as f64, 0),
+            verdict(pause_ok)
+        ),
+        format!(
+            "  {} of the {} events received after the pause answered entered the flow",
             number(entered_after as f64, 0),
             number(received_after as f64, 0),
-            verdict(pause_ok)
         ),
         format!(
             "  by the engine's own entry time: {} runs entered later than 0.5 s after the pause",
