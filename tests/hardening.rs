@@ -599,12 +599,12 @@ async fn no_planted_password_in_failing_startups_commands_or_debug_logs() {
 
 /// A gateway whose URL carries its key (`?apikey=…`, common for SMS gateways): a delivery
 /// that failed stored the whole URL in its reason, and `GET …/journeys` showed it. Now the
-/// reason, the API answer and the log show `apikey=***`.
+/// reason, the API answer and the log never show the key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_planted_key_in_dead_letter_reasons_answers_or_logs() {
-    // Port 99999 does not exist: the rendered URL is refused, the row dies at once.
+    // Nothing listens on port 9: the connection is refused, the row dies at once.
     let d = Daemon::start(&format!(
-        "channels:\n  sms:\n    type: sms\n    url: 'http://127.0.0.1:99999/send?to={{{{ to | urlencode }}}}&apikey={PLANTED}'\n    retry: {{ max_attempts: 1 }}\n"
+        "channels:\n  sms:\n    type: sms\n    url: 'http://127.0.0.1:9/send?to={{{{ to | urlencode }}}}&apikey={PLANTED}'\n    retry: {{ max_attempts: 1 }}\n"
     ));
     let b = d.base.clone();
     let (s, body) = call(
@@ -624,7 +624,11 @@ async fn no_planted_key_in_dead_letter_reasons_answers_or_logs() {
         .as_str()
         .unwrap()
         .to_owned();
-    assert!(reason.contains("apikey=***"), "{reason}");
+    // The reason says what failed, without the URL (or with its key masked).
+    assert!(
+        reason.contains("refused") || reason.contains("apikey=***"),
+        "{reason}"
+    );
     assert!(!body.to_string().contains(PLANTED), "{body}");
     d.wait_log("dead-lettered");
     assert_clean_log(&d);

@@ -174,11 +174,12 @@ async fn serve(settings: Settings, registry: Registry) -> anyhow::Result<ExitCod
         std::process::id(),
         clock.now().timestamp_millis()
     );
-    let _sqlite_lock = liveness::lock_sqlite(settings.database.expose(), &owner)?;
     // `settings.database` prints without its password.
     let db = Database::connect_with(settings.database.expose(), settings.database_timeout)
         .await
         .with_context(|| format!("opening {}", settings.database))?;
+    // After the URL proved good: one daemon per SQLite file.
+    let _sqlite_lock = liveness::lock_sqlite(settings.database.expose(), &owner)?;
     liveness::take_over_at_start(&db, &owner, clock.now()).await?;
     let mut runtime = Runtime::new(db.clone(), flows, settings.policy.clone(), registry);
     if matches!(db, Database::Postgres(_)) {
