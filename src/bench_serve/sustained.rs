@@ -3,10 +3,11 @@
 //! coming due all the time (20 customers a second enter it and wait 5 s); midway the bench
 //! pauses the flow the load's events enter. Judged, from outside and from the database:
 //! - due-timer lag: when a timer fired minus when it was due. The bench polls the waiting
-//!   timer runs every 100 ms and takes the first poll that no longer sees a run waiting (an
-//!   upper bound within one poll); the engine's own history time is printed beside it.
+//!   timer runs every 100 ms and takes the answer of the first poll that no longer sees a
+//!   run waiting (an upper bound, within one poll); the engine's history time beside it.
 //! - entries after the pause: runs of the paused flow committed later than 0.5 s after the
-//!   pause answered (a count taken at that instant against the count at the end), and how
+//!   pause answered (the count at the end against a count whose snapshot is taken at that
+//!   instant or, on a busy server, a little after: it never counts an earlier entry), and how
 //!   many of the events received after the pause entered it.
 //! - inbox rows whose `applied_at` is earlier than their receipt: events are posted without
 //!   `occurred_at`, so the inbox `at` is the instant the API received them.
@@ -452,13 +453,13 @@ fn ticks_json(range: std::ops::Range<usize>) -> String {
 /// A timer run as the watcher saw it.
 struct Watched {
     wake_ms: i64,
-    /// The start of the first poll that no longer saw it waiting.
+    /// When the first poll that no longer saw it waiting answered.
     fired_ms: Option<i64>,
 }
 
 /// Every `WATCH_EVERY` until `watching` is cleared: the timer flow's waiting runs (the
 /// partial index of waiting runs, a few hundred rows). A run seen waiting and missing from
-/// a later poll fired (committed) before that poll began.
+/// a later poll fired (committed) before that poll answered.
 async fn watch_timers(
     peek: Arc<Peek>,
     watching: Arc<AtomicBool>,
@@ -468,7 +469,6 @@ async fn watch_timers(
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while watching.load(Ordering::Acquire) {
         interval.tick().await;
-        let at = chrono::Utc::now().timestamp_millis();
         let waiting: Vec<(String, i64)> = peek
             .fetch(
                 "SELECT id, wake_at FROM runs
@@ -477,6 +477,9 @@ async fn watch_timers(
                 &[],
             )
             .await?;
+        // The answer's time, not the request's: the server takes its snapshot somewhere in
+        // between (late, when it is busy), so only this bounds the commit from above.
+        let at = chrono::Utc::now().timestamp_millis();
         let now: HashMap<String, i64> = waiting.into_iter().collect();
         for (id, w) in runs.iter_mut() {
             if w.fired_ms.is_none() && !now.contains_key(id) {
