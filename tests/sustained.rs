@@ -164,7 +164,8 @@ async fn sustained_load(database: &str, flows: std::path::PathBuf) {
         .pairs(&format!(
             "SELECT h.at + 1000, f.at FROM history h
              JOIN history f ON f.run_id = h.run_id AND f.step = 'done'
-             WHERE h.flow = 'timer' AND h.step = 'hold' AND h.at + 1000 < {backlog_end}"
+             WHERE h.flow = 'timer' AND h.step = 'hold' AND h.action = 'waiting'
+               AND h.at + 1000 < {backlog_end}"
         ))
         .await;
     assert!(

@@ -201,18 +201,21 @@ pub(super) async fn sustained(ctx: &Ctx<'_>) -> anyhow::Result<Outcome> {
             })
             .collect(),
     );
-    // … and by the engine's own clock: the history time of the step after the wait.
+    // … and by the engine's own clock: the history time of the step after the wait, against
+    // the history time of the wait itself (when its 5 s began; not the event's receipt,
+    // which also counts the time the event queued in the inbox).
     let stamped: Vec<(i64, i64)> = peek
         .fetch(
-            "SELECT r.entered_at, h.at FROM runs r JOIN history h ON h.run_id = r.id
-             WHERE r.flow = 'bench-timer' AND h.step = 'done'",
+            "SELECT w.at, h.at FROM history w JOIN history h ON h.run_id = w.run_id
+             WHERE w.flow = 'bench-timer' AND w.step = 'nap' AND w.action = 'waiting'
+               AND h.step = 'done'",
             &[],
         )
         .await?;
     let engine_lag = Dist::of(
         stamped
             .iter()
-            .map(|(entered, fired)| (fired - entered - TIMER_WAIT_MS) as f64 / 1000.0)
+            .map(|(waited, fired)| (fired - waited - TIMER_WAIT_MS) as f64 / 1000.0)
             .collect(),
     );
     let timer_runs = peek.number(runs_sql, &[Bind::Text("bench-timer")]).await?;

@@ -298,21 +298,6 @@ fn commit_sql() -> &'static str {
 
 // ---- customer leases ----------------------------------------------------------------------
 
-/// `claim_customers` in ONE statement: `$1` the ids (distinct, in byte order — the order
-/// `ORDER BY n` inserts them and so locks their rows in; every lease statement locks in that
-/// order, so claimers of overlapping sets never deadlock), `$2` the owner, `$3` now, `$4`
-/// the new `until`. A lease is taken when the row is new, ran out, or is the owner's own
-/// (extended). Claimers of one id at the same moment: the second waits on the first's row,
-/// then judges the `WHERE` against what the first wrote, so exactly one wins; `RETURNING`
-/// names the ids taken, in no order.
-const CLAIM_CUSTOMERS: &str = "\
-INSERT INTO customer_leases (customer_id, owner, until)
-SELECT id, $2, $4 FROM unnest($1::text[]) WITH ORDINALITY AS t(id, n)
-ORDER BY n
-ON CONFLICT (customer_id) DO UPDATE SET owner = excluded.owner, until = excluded.until
-WHERE customer_leases.until <= $3 OR customer_leases.owner = excluded.owner
-RETURNING customer_id";
-
 /// `commit`'s lease check, first in the commit's transaction: how many of the customers
 /// `$1` the owner `$2` holds at `$3`. `FOR SHARE` keeps those rows share-locked until the
 /// commit ends, so a claim that would take one over (it locks the row to update it) waits
@@ -323,52 +308,7 @@ SELECT count(*) FROM (SELECT 1 FROM customer_leases
                       WHERE customer_id = ANY($1::text[]) AND owner = $2 AND until > $3
                       ORDER BY customer_id FOR SHARE) AS held";
 
-/// `release_customers`: the owner's rows among `$1`, locked in id order like every lease
-/// statement (a plain `DELETE … = ANY` locks in whatever order its plan visits rows), then
-/// deleted.
-const RELEASE_CUSTOMERS: &str = "\
-DELETE FROM customer_leases
-WHERE customer_id IN (SELECT customer_id FROM customer_leases
-                      WHERE customer_id = ANY($1::text[]) AND owner = $2
-                      ORDER BY customer_id FOR UPDATE)";
-
 // ---- the dispatcher -----------------------------------------------------------------------
-
-/// The columns of `outbox` that make an [`OutboxRow`] ([`OutboxDbRow`]).
-const OUTBOX_SELECT: &str = "key, kind, run_id, flow, customer_id, step, channel, address, \
-     template, payload::text AS payload, transactional, created_at";
-
-/// `claim_outbox`: pick the due rows from the `outbox_pending` index and lease them in one
-/// statement. `FOR UPDATE SKIP LOCKED` makes concurrent claims (other tasks, other daemons)
-/// pass over the rows one of them is leasing instead of waiting for it; a row leased by a
-/// claim that committed meanwhile is re-checked against the new lease when locked, and left
-/// out. `RETURNING` has no order: the rows carry theirs (`next_attempt_at`, `ord`).
-const CLAIM_OUTBOX: &str = "\
-UPDATE outbox SET lease_until = $3, claimed_by = $4
-WHERE key IN (SELECT key FROM outbox
-              WHERE status = 'pending' AND next_attempt_at <= $1
-                AND (lease_until IS NULL OR lease_until < $1)
-                AND NOT (channel = ANY($5::text[]))
-              ORDER BY next_attempt_at, ord LIMIT $2
-              FOR UPDATE SKIP LOCKED)
-RETURNING key, kind, run_id, flow, customer_id, step, channel, address, template,
-          payload::text AS payload, transactional, created_at, attempts::int8 AS attempts,
-          lease_until, next_attempt_at, ord";
-
-/// `settle_outbox` in one statement: the outcomes as column arrays, joined on the key. A
-/// `NULL` keeps the row's value (`attempts`: one more, for a send). Only pending rows
-/// change, so a late outcome never undoes another dispatcher's.
-const SETTLE_OUTBOX: &str = "\
-UPDATE outbox o SET status = v.status,
-    attempts = coalesce(v.attempts, o.attempts + 1),
-    next_attempt_at = coalesce(v.next_attempt_at, o.next_attempt_at),
-    last_error = coalesce(v.last_error, o.last_error),
-    sent_at = coalesce(v.sent_at, o.sent_at),
-    dead_at = coalesce(v.dead_at, o.dead_at),
-    lease_until = NULL, claimed_by = NULL
-FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[], $6::int8[], $7::int8[])
-    AS v(key, status, attempts, next_attempt_at, last_error, sent_at, dead_at)
-WHERE o.key = v.key AND o.status = 'pending'";
 
 // ---- column vectors, borrowed from the batch ----------------------------------------------
 
@@ -796,132 +736,35 @@ impl Store for PgStore {
     }
 
     async fn customer_ids(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>> {
-        let ids = match after {
-            Some(after) => {
-                sqlx::query_scalar("SELECT id FROM customers WHERE id > $1 ORDER BY id LIMIT $2")
-                    .bind(after)
-                    .bind(limit_i64(limit))
-                    .fetch_all(&self.pool)
-                    .await?
-            }
-            None => {
-                sqlx::query_scalar("SELECT id FROM customers ORDER BY id LIMIT $1")
-                    .bind(limit_i64(limit))
-                    .fetch_all(&self.pool)
-                    .await?
-            }
-        };
-        Ok(ids)
+        reads::customer_ids(self, after, limit).await
     }
 
     async fn outbox(&self, customer_id: Option<&str>) -> Result<Vec<OutboxRow>> {
-        const COLUMNS: &str = "key, kind, run_id, flow, customer_id, step, channel, address, \
-                               template, payload::text AS payload, transactional, created_at";
-        let rows: Vec<OutboxDbRow> = match customer_id {
-            Some(c) => {
-                sqlx::query_as(&format!(
-                    "SELECT {COLUMNS} FROM outbox WHERE customer_id = $1 ORDER BY ord"
-                ))
-                .bind(c)
-                .fetch_all(&self.pool)
-                .await?
-            }
-            None => {
-                sqlx::query_as(&format!("SELECT {COLUMNS} FROM outbox ORDER BY ord"))
-                    .fetch_all(&self.pool)
-                    .await?
-            }
-        };
-        rows.into_iter().map(OutboxDbRow::into_row).collect()
+        reads::outbox(self, customer_id).await
     }
 
     async fn history(&self, customer_id: Option<&str>) -> Result<Vec<HistoryEntry>> {
-        const COLUMNS: &str =
-            "run_id, seq, flow, customer_id, step, at, action, detail::text AS detail";
-        let rows: Vec<HistoryRow> = match customer_id {
-            // Through the customer's runs: the history primary key starts with run_id.
-            Some(c) => {
-                sqlx::query_as(&format!(
-                    "SELECT {COLUMNS} FROM history
-                     WHERE run_id IN (SELECT id FROM runs WHERE customer_id = $1)
-                     ORDER BY ord"
-                ))
-                .bind(c)
-                .fetch_all(&self.pool)
-                .await?
-            }
-            None => {
-                sqlx::query_as(&format!("SELECT {COLUMNS} FROM history ORDER BY ord"))
-                    .fetch_all(&self.pool)
-                    .await?
-            }
-        };
-        rows.into_iter().map(HistoryRow::into_entry).collect()
+        reads::history(self, customer_id).await
     }
 
     async fn runs(&self, customer_id: &str) -> Result<Vec<Run>> {
-        let rows: Vec<RunRow> = sqlx::query_as(&format!(
-            "SELECT {RUN_SELECT} FROM runs WHERE customer_id = $1 ORDER BY entered_at, id"
-        ))
-        .bind(customer_id)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter().map(RunRow::into_run).collect()
+        reads::runs(self, customer_id).await
     }
 
     async fn conversions(&self, flow: Option<&str>) -> Result<Vec<Conversion>> {
-        let rows: Vec<ConversionRow> = sqlx::query_as(
-            "SELECT run_id, flow, version, customer_id, arm, last_touch, event_id, at
-             FROM conversions WHERE $1::text IS NULL OR flow = $1 ORDER BY at, run_id",
-        )
-        .bind(flow)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter()
-            .map(ConversionRow::into_conversion)
-            .collect()
+        reads::conversions(self, flow).await
     }
 
     async fn node_counts(&self, flow: Option<&str>) -> Result<Vec<NodeCount>> {
-        let rows: Vec<NodeCountRow> = sqlx::query_as(
-            "SELECT flow, step, COUNT(*) AS waiting FROM runs
-             WHERE status = 'waiting' AND ($1::text IS NULL OR flow = $1)
-             GROUP BY flow, step ORDER BY flow, step",
-        )
-        .bind(flow)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.into_iter().map(NodeCountRow::into_count).collect())
+        reads::node_counts(self, flow).await
     }
 
     async fn goal_report(&self, flow: Option<&str>) -> Result<Vec<super::ArmCount>> {
-        let rows: Vec<codec::ArmCountRow> = sqlx::query_as(
-            "SELECT r.flow AS flow, r.arm AS arm, COUNT(*) AS runs, COUNT(c.run_id) AS converted
-             FROM runs r LEFT JOIN conversions c ON c.run_id = r.id
-             WHERE $1::text IS NULL OR r.flow = $1
-             GROUP BY r.flow, r.arm ORDER BY r.flow, r.arm",
-        )
-        .bind(flow)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter()
-            .map(codec::ArmCountRow::into_count)
-            .collect()
+        reads::goal_report(self, flow).await
     }
 
     async fn counts(&self) -> Result<Counts> {
-        let row: CountsRow = sqlx::query_as(
-            "SELECT (SELECT COUNT(*) FROM customers) AS customers,
-                    (SELECT COUNT(*) FROM runs) AS runs,
-                    (SELECT COUNT(*) FROM runs WHERE status = 'waiting') AS waiting,
-                    (SELECT COUNT(*) FROM history) AS history,
-                    (SELECT COUNT(*) FROM outbox) AS outbox,
-                    (SELECT COUNT(*) FROM conversions) AS conversions,
-                    (SELECT COUNT(*) FROM inbox WHERE applied_at IS NULL) AS inbox_pending",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(row.into_counts())
+        reads::counts(self).await
     }
 
     async fn claim_outbox(
@@ -932,252 +775,55 @@ impl Store for PgStore {
         lease_until: Time,
         skip: &[String],
     ) -> Result<Vec<Delivery>> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let rows: Vec<ClaimedRow> = sqlx::query_as(CLAIM_OUTBOX)
-            .bind(ms(now))
-            .bind(limit_i64(limit))
-            .bind(ms(lease_until))
-            .bind(owner)
-            .bind(skip)
-            .fetch_all(&self.pool)
-            .await?;
-        ClaimedRow::into_deliveries(rows)
+        daemon::claim_outbox(self, now, limit, owner, lease_until, skip).await
     }
 
     async fn renew_outbox(&self, keys: &[String], owner: &str, lease_until: Time) -> Result<u64> {
-        if keys.is_empty() {
-            return Ok(0);
-        }
-        let renewed = sqlx::query(
-            "UPDATE outbox SET lease_until = $3
-             WHERE key = ANY($1::text[]) AND claimed_by = $2
-               AND status = 'pending' AND lease_until IS NOT NULL",
-        )
-        .bind(keys)
-        .bind(owner)
-        .bind(ms(lease_until))
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(renewed)
+        daemon::renew_outbox(self, keys, owner, lease_until).await
     }
 
     async fn release_outbox(&self, keys: &[String], owner: &str) -> Result<()> {
-        if keys.is_empty() {
-            return Ok(());
-        }
-        sqlx::query(
-            "UPDATE outbox SET lease_until = NULL, claimed_by = NULL
-             WHERE key = ANY($1::text[]) AND claimed_by = $2 AND status = 'pending'",
-        )
-        .bind(keys)
-        .bind(owner)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        daemon::release_outbox(self, keys, owner).await
     }
 
     async fn heartbeat(&self, owner: &str, now: Time) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO daemons (owner, started_at, heartbeat_at) VALUES ($1, $2, $2)
-             ON CONFLICT (owner) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at",
-        )
-        .bind(owner)
-        .bind(ms(now))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        daemon::heartbeat(self, owner, now).await
     }
 
     async fn take_over(&self, owner: &str, dead_before: Option<Time>) -> Result<Takeover> {
-        let mut tx = self.pool.begin().await?;
-        // The dead daemons' rows are locked (`FOR UPDATE`), so two daemons taking over at
-        // once free each claim once; a daemon beating again meanwhile waits for this.
-        let dead: Vec<String> = match dead_before {
-            Some(t) => {
-                sqlx::query_scalar(
-                    "SELECT owner FROM daemons WHERE heartbeat_at < $1 AND owner <> $2
-                     ORDER BY owner FOR UPDATE SKIP LOCKED",
-                )
-                .bind(ms(t))
-                .bind(owner)
-                .fetch_all(&mut *tx)
-                .await?
-            }
-            None => {
-                sqlx::query_scalar(
-                    "SELECT owner FROM daemons WHERE owner <> $1 ORDER BY owner FOR UPDATE",
-                )
-                .bind(owner)
-                .fetch_all(&mut *tx)
-                .await?
-            }
-        };
-        if dead_before.is_some() && dead.is_empty() {
-            return Ok(Takeover::default());
-        }
-        // Whose claims go: the dead daemons' ($1), or (no `dead_before`) all but $2's.
-        let all = dead_before.is_none();
-        let outbox = sqlx::query(
-            "UPDATE outbox SET lease_until = NULL, claimed_by = NULL
-             WHERE status = 'pending' AND lease_until IS NOT NULL
-               AND (claimed_by = ANY($1::text[]) OR ($3 AND claimed_by IS DISTINCT FROM $2))",
-        )
-        .bind(&dead)
-        .bind(owner)
-        .bind(all)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        // Locked in id order, like every lease statement (see `CLAIM_CUSTOMERS`).
-        let customers = sqlx::query(
-            "DELETE FROM customer_leases
-             WHERE customer_id IN (SELECT customer_id FROM customer_leases
-                                   WHERE owner = ANY($1::text[]) OR ($3 AND owner <> $2)
-                                   ORDER BY customer_id FOR UPDATE)",
-        )
-        .bind(&dead)
-        .bind(owner)
-        .bind(all)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        sqlx::query("DELETE FROM daemons WHERE owner = ANY($1::text[])")
-            .bind(&dead)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(Takeover {
-            daemons: if all { Vec::new() } else { dead },
-            outbox,
-            customers,
-        })
+        daemon::take_over(self, owner, dead_before).await
     }
 
     async fn settle_outbox(&self, outcomes: &[DeliveryOutcome]) -> Result<()> {
-        if outcomes.is_empty() {
-            return Ok(());
-        }
-        let settle = Settle::of(outcomes);
-        let key: Vec<&str> = settle.iter().map(|s| s.key).collect();
-        let status: Vec<&str> = settle.iter().map(|s| s.status).collect();
-        let attempts: Vec<Option<i64>> = settle.iter().map(|s| s.attempts).collect();
-        let next: Vec<Option<i64>> = settle.iter().map(|s| s.next_attempt_at).collect();
-        let error: Vec<Option<&str>> = settle.iter().map(|s| s.last_error).collect();
-        let sent: Vec<Option<i64>> = settle.iter().map(|s| s.sent_at).collect();
-        let dead: Vec<Option<i64>> = settle.iter().map(|s| s.dead_at).collect();
-        sqlx::query(SETTLE_OUTBOX)
-            .bind(key)
-            .bind(status)
-            .bind(attempts)
-            .bind(next)
-            .bind(error)
-            .bind(sent)
-            .bind(dead)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        daemon::settle_outbox(self, outcomes).await
     }
 
     async fn deliveries(&self, customer_id: &str) -> Result<Vec<DeliveryState>> {
-        let rows: Vec<DeliveryStateRow> = sqlx::query_as(&format!(
-            "SELECT {OUTBOX_SELECT}, status, attempts::int8 AS attempts, next_attempt_at,
-                    last_error, sent_at
-             FROM outbox WHERE customer_id = $1 ORDER BY ord"
-        ))
-        .bind(customer_id)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter().map(DeliveryStateRow::into_state).collect()
+        daemon::deliveries(self, customer_id).await
     }
 
     async fn outbox_depth(&self, now: Time) -> Result<OutboxDepth> {
-        // Each count walks a partial index (`outbox_pending`, `outbox_dead`), never the
-        // sent rows: this runs on every metrics scrape.
-        let row: OutboxDepthRow = sqlx::query_as(
-            "SELECT (SELECT COUNT(*) FROM outbox WHERE status = 'pending') AS pending,
-                    (SELECT COUNT(*) FROM outbox
-                      WHERE status = 'pending' AND next_attempt_at <= $1) AS due,
-                    (SELECT COUNT(*) FROM outbox WHERE status = 'dead') AS dead,
-                    (SELECT MIN(next_attempt_at) FROM outbox
-                      WHERE status = 'pending' AND next_attempt_at <= $1) AS oldest_due",
-        )
-        .bind(ms(now))
-        .fetch_one(&self.pool)
-        .await?;
-        row.into_depth()
+        daemon::outbox_depth(self, now).await
     }
 
     async fn set_paused(&self, flow: &str, paused: bool, at: Time) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO flow_state (flow, paused, updated_at) VALUES ($1, $2, $3)
-             ON CONFLICT (flow) DO UPDATE SET paused = EXCLUDED.paused,
-                 updated_at = EXCLUDED.updated_at",
-        )
-        .bind(flow)
-        .bind(paused)
-        .bind(ms(at))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        daemon::set_paused(self, flow, paused, at).await
     }
 
     async fn paused_flows(&self) -> Result<Vec<String>> {
-        Ok(
-            sqlx::query_scalar("SELECT flow FROM flow_state WHERE paused ORDER BY flow")
-                .fetch_all(&self.pool)
-                .await?,
-        )
+        daemon::paused_flows(self).await
     }
 
     async fn claim_fire(&self, flow: &str, fire_at: Time, now: Time) -> Result<bool> {
-        // Concurrent inserts of one key: the second waits for the first to commit, then
-        // inserts nothing.
-        let done = sqlx::query(
-            "INSERT INTO schedule_fires (flow, fire_at, fired_at) VALUES ($1, $2, $3)
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(flow)
-        .bind(ms(fire_at))
-        .bind(ms(now))
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        daemon::claim_fire(self, flow, fire_at, now).await
     }
 
     async fn last_fire(&self, flow: &str) -> Result<Option<Time>> {
-        let last: Option<i64> =
-            sqlx::query_scalar("SELECT MAX(fire_at) FROM schedule_fires WHERE flow = $1")
-                .bind(flow)
-                .fetch_one(&self.pool)
-                .await?;
-        last.map(|ms| codec::time("schedule_fires", ms)).transpose()
+        daemon::last_fire(self, flow).await
     }
 
     async fn flow_counts(&self, flow: Option<&str>) -> Result<Vec<FlowCounts>> {
-        // Conversions join on their run (at most one per run): `converted` counts the flow's
-        // rows in `conversions`.
-        let rows: Vec<FlowCountsRow> = sqlx::query_as(
-            "SELECT r.flow AS flow,
-                    COUNT(*) AS entered,
-                    COUNT(*) FILTER (WHERE r.status = 'waiting') AS waiting,
-                    COUNT(*) FILTER (WHERE r.status = 'ended' AND (r.outcome IS NULL
-                                     OR r.outcome NOT IN ('exited', 'error'))) AS completed,
-                    COUNT(*) FILTER (WHERE r.status = 'ended' AND r.outcome = 'exited')
-                        AS exited,
-                    COUNT(*) FILTER (WHERE r.status = 'ended' AND r.outcome = 'error')
-                        AS errored,
-                    COUNT(c.run_id) AS converted
-             FROM runs r LEFT JOIN conversions c ON c.run_id = r.id
-             WHERE $1::text IS NULL OR r.flow = $1
-             GROUP BY r.flow ORDER BY r.flow",
-        )
-        .bind(flow)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.into_iter().map(FlowCountsRow::into_counts).collect())
+        daemon::flow_counts(self, flow).await
     }
 
     async fn claim_customers(
@@ -1187,33 +833,18 @@ impl Store for PgStore {
         now: Time,
         until: Time,
     ) -> Result<Vec<String>> {
-        let wanted = codec::lease_ids(ids);
-        if wanted.is_empty() {
-            return Ok(Vec::new());
-        }
-        let held: Vec<String> = sqlx::query_scalar(CLAIM_CUSTOMERS)
-            .bind(&wanted)
-            .bind(owner)
-            .bind(ms(now))
-            .bind(ms(until))
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(codec::in_given_order(ids, held))
+        daemon::claim_customers(self, ids, owner, now, until).await
     }
 
     async fn release_customers(&self, ids: &[String], owner: &str) -> Result<()> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        sqlx::query(RELEASE_CUSTOMERS)
-            .bind(ids)
-            .bind(owner)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        daemon::release_customers(self, ids, owner).await
     }
 }
 
 fn limit_i64(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
+
+// After the macros above, which the submodules use.
+mod daemon;
+mod reads;

@@ -476,18 +476,6 @@ WHERE seq IN (SELECT value FROM json_each(?1)) AND applied_at IS NULL";
 
 // ---- customer leases ----------------------------------------------------------------------
 
-/// `claim_customers`: rows `(customer_id, owner, until)`, then `now` — the parameter after
-/// the rows (an unnumbered `?` takes the next number). A lease is taken when the row is new,
-/// ran out (`until <= now`) or is the owner's own (extended); `RETURNING` names the ids
-/// taken. The caller holds the write lock (`BEGIN IMMEDIATE`), so claims queue.
-static CLAIM_CUSTOMERS: Shape = Shape::new(
-    "INSERT INTO customer_leases (customer_id, owner, until) VALUES ",
-    3,
-    " ON CONFLICT (customer_id) DO UPDATE SET owner = excluded.owner, until = excluded.until \
-     WHERE customer_leases.until <= ? OR customer_leases.owner = excluded.owner \
-     RETURNING customer_id",
-);
-
 /// `commit`'s lease check: how many of the customers (a JSON array) `?2` holds at `?3`. It
 /// runs first in the commit's write transaction, so no claim lands between it and the writes.
 const LEASES_HELD: &str = "\
@@ -495,41 +483,6 @@ SELECT COUNT(*) FROM customer_leases
 WHERE customer_id IN (SELECT value FROM json_each(?1)) AND owner = ?2 AND until > ?3";
 
 // ---- the dispatcher -----------------------------------------------------------------------
-
-/// The columns of `outbox` that make an [`OutboxRow`] ([`OutboxDbRow`]).
-const OUTBOX_COLUMNS: &str = "key, kind, run_id, flow, customer_id, step, channel, address, \
-                              template, payload, transactional, created_at";
-
-/// `claim_outbox`: pick the due rows from the `outbox_pending` index (its order is
-/// `next_attempt_at`, then rowid) and lease them in the same statement. The caller holds the
-/// write lock (`BEGIN IMMEDIATE`), so nothing runs between the pick and the lease; another
-/// process's claim waits for the lock, then finds the leases. `RETURNING` has no order:
-/// the rows carry theirs (`next_attempt_at`, `ord`).
-const CLAIM_OUTBOX: &str = "\
-UPDATE outbox SET lease_until = ?3, claimed_by = ?4
-WHERE rowid IN (SELECT rowid FROM outbox
-                WHERE status = 'pending' AND next_attempt_at <= ?1
-                  AND (lease_until IS NULL OR lease_until < ?1)
-                  AND channel NOT IN (SELECT value FROM json_each(?5))
-                ORDER BY next_attempt_at, rowid LIMIT ?2)
-RETURNING key, kind, run_id, flow, customer_id, step, channel, address, template, payload,
-          transactional, created_at, attempts, lease_until, next_attempt_at, rowid AS ord";
-
-/// `settle_outbox`: the outcomes as a `VALUES` table, joined on the key. A `NULL` keeps the
-/// row's value (`attempts`: one more, for a send). Only pending rows change, so a late
-/// outcome never undoes another dispatcher's.
-static SETTLE_OUTBOX: Shape = Shape::new(
-    "WITH v (key, status, attempts, next_attempt_at, last_error, sent_at, dead_at) AS (VALUES ",
-    7,
-    ") UPDATE outbox SET status = v.status, \
-     attempts = coalesce(v.attempts, outbox.attempts + 1), \
-     next_attempt_at = coalesce(v.next_attempt_at, outbox.next_attempt_at), \
-     last_error = coalesce(v.last_error, outbox.last_error), \
-     sent_at = coalesce(v.sent_at, outbox.sent_at), \
-     dead_at = coalesce(v.dead_at, outbox.dead_at), \
-     lease_until = NULL, claimed_by = NULL \
-     FROM v WHERE outbox.key = v.key AND outbox.status = 'pending'",
-);
 
 fn bind_settle<'a>(a: &mut Args<'a>, s: &'a Settle<'a>) -> Result<()> {
     add!(a; s.key, s.status, s.attempts, s.next_attempt_at, s.last_error, s.sent_at, s.dead_at);
@@ -844,160 +797,35 @@ impl Store for SqliteStore {
     }
 
     async fn customer_ids(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>> {
-        let text: String = match after {
-            Some(after) => {
-                sqlx::query_scalar(
-                    "SELECT json_group_array(id ORDER BY id) FROM
-                       (SELECT id FROM customers WHERE id > ?1 ORDER BY id LIMIT ?2)",
-                )
-                .bind(after)
-                .bind(limit_i64(limit))
-                .fetch_one(&self.read)
-                .await?
-            }
-            None => {
-                sqlx::query_scalar(
-                    "SELECT json_group_array(id ORDER BY id) FROM
-                       (SELECT id FROM customers ORDER BY id LIMIT ?1)",
-                )
-                .bind(limit_i64(limit))
-                .fetch_one(&self.read)
-                .await?
-            }
-        };
-        parse_rows("customers", &text)
+        reads::customer_ids(self, after, limit).await
     }
 
     async fn outbox(&self, customer_id: Option<&str>) -> Result<Vec<OutboxRow>> {
-        const COLUMNS: &str = "key, kind, run_id, flow, customer_id, step, channel, address, \
-                               template, payload, transactional, created_at";
-        let rows: Vec<OutboxDbRow> = match customer_id {
-            Some(c) => {
-                sqlx::query_as(&format!(
-                    "SELECT {COLUMNS} FROM outbox WHERE customer_id = ?1 ORDER BY rowid"
-                ))
-                .bind(c)
-                .fetch_all(&self.read)
-                .await?
-            }
-            None => {
-                sqlx::query_as(&format!("SELECT {COLUMNS} FROM outbox ORDER BY rowid"))
-                    .fetch_all(&self.read)
-                    .await?
-            }
-        };
-        rows.into_iter().map(OutboxDbRow::into_row).collect()
+        reads::outbox(self, customer_id).await
     }
 
     async fn history(&self, customer_id: Option<&str>) -> Result<Vec<HistoryEntry>> {
-        const COLUMNS: &str = "run_id, seq, flow, customer_id, step, at, action, detail";
-        let rows: Vec<HistoryRow> = match customer_id {
-            // Through the customer's runs: the history primary key starts with run_id.
-            Some(c) => {
-                sqlx::query_as(&format!(
-                    "SELECT {COLUMNS} FROM history
-                     WHERE run_id IN (SELECT id FROM runs WHERE customer_id = ?1)
-                     ORDER BY rowid"
-                ))
-                .bind(c)
-                .fetch_all(&self.read)
-                .await?
-            }
-            None => {
-                sqlx::query_as(&format!("SELECT {COLUMNS} FROM history ORDER BY rowid"))
-                    .fetch_all(&self.read)
-                    .await?
-            }
-        };
-        rows.into_iter().map(HistoryRow::into_entry).collect()
+        reads::history(self, customer_id).await
     }
 
     async fn runs(&self, customer_id: &str) -> Result<Vec<Run>> {
-        let rows: Vec<RunRow> = sqlx::query_as(&format!(
-            "SELECT {RUN_COLUMNS} FROM runs WHERE customer_id = ?1 ORDER BY entered_at, id"
-        ))
-        .bind(customer_id)
-        .fetch_all(&self.read)
-        .await?;
-        rows.into_iter().map(RunRow::into_run).collect()
+        reads::runs(self, customer_id).await
     }
 
     async fn conversions(&self, flow: Option<&str>) -> Result<Vec<Conversion>> {
-        const COLUMNS: &str = "run_id, flow, version, customer_id, arm, last_touch, event_id, at";
-        let rows: Vec<ConversionRow> = match flow {
-            Some(flow) => {
-                sqlx::query_as(&format!(
-                    "SELECT {COLUMNS} FROM conversions WHERE flow = ?1 ORDER BY at, run_id"
-                ))
-                .bind(flow)
-                .fetch_all(&self.read)
-                .await?
-            }
-            None => {
-                sqlx::query_as(&format!(
-                    "SELECT {COLUMNS} FROM conversions ORDER BY at, run_id"
-                ))
-                .fetch_all(&self.read)
-                .await?
-            }
-        };
-        rows.into_iter()
-            .map(ConversionRow::into_conversion)
-            .collect()
+        reads::conversions(self, flow).await
     }
 
     async fn node_counts(&self, flow: Option<&str>) -> Result<Vec<NodeCount>> {
-        let rows: Vec<NodeCountRow> = match flow {
-            Some(flow) => {
-                sqlx::query_as(
-                    "SELECT flow, step, COUNT(*) AS waiting FROM runs
-                     WHERE status = 'waiting' AND flow = ?1
-                     GROUP BY flow, step ORDER BY flow, step",
-                )
-                .bind(flow)
-                .fetch_all(&self.read)
-                .await?
-            }
-            None => {
-                sqlx::query_as(
-                    "SELECT flow, step, COUNT(*) AS waiting FROM runs WHERE status = 'waiting'
-                     GROUP BY flow, step ORDER BY flow, step",
-                )
-                .fetch_all(&self.read)
-                .await?
-            }
-        };
-        Ok(rows.into_iter().map(NodeCountRow::into_count).collect())
+        reads::node_counts(self, flow).await
     }
 
     async fn goal_report(&self, flow: Option<&str>) -> Result<Vec<super::ArmCount>> {
-        let rows: Vec<codec::ArmCountRow> = sqlx::query_as(
-            "SELECT r.flow AS flow, r.arm AS arm, COUNT(*) AS runs, COUNT(c.run_id) AS converted
-             FROM runs r LEFT JOIN conversions c ON c.run_id = r.id
-             WHERE ?1 IS NULL OR r.flow = ?1
-             GROUP BY r.flow, r.arm ORDER BY r.flow, r.arm",
-        )
-        .bind(flow)
-        .fetch_all(&self.read)
-        .await?;
-        rows.into_iter()
-            .map(codec::ArmCountRow::into_count)
-            .collect()
+        reads::goal_report(self, flow).await
     }
 
     async fn counts(&self) -> Result<Counts> {
-        let row: CountsRow = sqlx::query_as(
-            "SELECT (SELECT COUNT(*) FROM customers) AS customers,
-                    (SELECT COUNT(*) FROM runs) AS runs,
-                    (SELECT COUNT(*) FROM runs WHERE status = 'waiting') AS waiting,
-                    (SELECT COUNT(*) FROM history) AS history,
-                    (SELECT COUNT(*) FROM outbox) AS outbox,
-                    (SELECT COUNT(*) FROM conversions) AS conversions,
-                    (SELECT COUNT(*) FROM inbox WHERE applied_at IS NULL) AS inbox_pending",
-        )
-        .fetch_one(&self.read)
-        .await?;
-        Ok(row.into_counts())
+        reads::counts(self).await
     }
 
     async fn claim_outbox(
@@ -1008,257 +836,55 @@ impl Store for SqliteStore {
         lease_until: Time,
         skip: &[String],
     ) -> Result<Vec<Delivery>> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let mut tx = self.begin().await?;
-        let rows: Vec<ClaimedRow> = sqlx::query_as(CLAIM_OUTBOX)
-            .bind(ms(now))
-            .bind(limit_i64(limit))
-            .bind(ms(lease_until))
-            .bind(owner)
-            .bind(string_array(skip.iter().map(String::as_str)))
-            .fetch_all(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        ClaimedRow::into_deliveries(rows)
+        daemon::claim_outbox(self, now, limit, owner, lease_until, skip).await
     }
 
     async fn renew_outbox(&self, keys: &[String], owner: &str, lease_until: Time) -> Result<u64> {
-        if keys.is_empty() {
-            return Ok(0);
-        }
-        let mut tx = self.begin().await?;
-        let renewed = sqlx::query(
-            "UPDATE outbox SET lease_until = ?3
-             WHERE key IN (SELECT value FROM json_each(?1)) AND claimed_by = ?2
-               AND status = 'pending' AND lease_until IS NOT NULL",
-        )
-        .bind(string_array(keys.iter().map(String::as_str)))
-        .bind(owner)
-        .bind(ms(lease_until))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        tx.commit().await?;
-        Ok(renewed)
+        daemon::renew_outbox(self, keys, owner, lease_until).await
     }
 
     async fn release_outbox(&self, keys: &[String], owner: &str) -> Result<()> {
-        if keys.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.begin().await?;
-        sqlx::query(
-            "UPDATE outbox SET lease_until = NULL, claimed_by = NULL
-             WHERE key IN (SELECT value FROM json_each(?1)) AND claimed_by = ?2
-               AND status = 'pending'",
-        )
-        .bind(string_array(keys.iter().map(String::as_str)))
-        .bind(owner)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        daemon::release_outbox(self, keys, owner).await
     }
 
     async fn heartbeat(&self, owner: &str, now: Time) -> Result<()> {
-        let mut tx = self.begin().await?;
-        sqlx::query(
-            "INSERT INTO daemons (owner, started_at, heartbeat_at) VALUES (?1, ?2, ?2)
-             ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
-        )
-        .bind(owner)
-        .bind(ms(now))
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        daemon::heartbeat(self, owner, now).await
     }
 
     async fn take_over(&self, owner: &str, dead_before: Option<Time>) -> Result<Takeover> {
-        let mut tx = self.begin().await?;
-        // The owners whose claims go: the dead ones, or everyone but `owner`.
-        let dead: Vec<String> = match dead_before {
-            Some(t) => {
-                sqlx::query_scalar(
-                    "SELECT owner FROM daemons WHERE heartbeat_at < ?1 AND owner <> ?2
-                     ORDER BY owner",
-                )
-                .bind(ms(t))
-                .bind(owner)
-                .fetch_all(&mut *tx)
-                .await?
-            }
-            None => Vec::new(),
-        };
-        if dead_before.is_some() && dead.is_empty() {
-            return Ok(Takeover::default());
-        }
-        let (outbox, customers) = if dead_before.is_some() {
-            let list = string_array(dead.iter().map(String::as_str));
-            let outbox = sqlx::query(
-                "UPDATE outbox SET lease_until = NULL, claimed_by = NULL
-                 WHERE status = 'pending' AND lease_until IS NOT NULL
-                   AND claimed_by IN (SELECT value FROM json_each(?1))",
-            )
-            .bind(&list)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            let customers = sqlx::query(
-                "DELETE FROM customer_leases WHERE owner IN (SELECT value FROM json_each(?1))",
-            )
-            .bind(&list)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            sqlx::query("DELETE FROM daemons WHERE owner IN (SELECT value FROM json_each(?1))")
-                .bind(&list)
-                .execute(&mut *tx)
-                .await?;
-            (outbox, customers)
-        } else {
-            let outbox = sqlx::query(
-                "UPDATE outbox SET lease_until = NULL, claimed_by = NULL
-                 WHERE status = 'pending' AND lease_until IS NOT NULL
-                   AND claimed_by IS NOT ?1",
-            )
-            .bind(owner)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            let customers = sqlx::query("DELETE FROM customer_leases WHERE owner <> ?1")
-                .bind(owner)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-            sqlx::query("DELETE FROM daemons WHERE owner <> ?1")
-                .bind(owner)
-                .execute(&mut *tx)
-                .await?;
-            (outbox, customers)
-        };
-        tx.commit().await?;
-        Ok(Takeover {
-            daemons: dead,
-            outbox,
-            customers,
-        })
+        daemon::take_over(self, owner, dead_before).await
     }
 
     async fn settle_outbox(&self, outcomes: &[DeliveryOutcome]) -> Result<()> {
-        if outcomes.is_empty() {
-            return Ok(());
-        }
-        let settle = Settle::of(outcomes);
-        let rows: Vec<&Settle> = settle.iter().collect();
-        let mut tx = self.begin().await?;
-        let mut pipe = Pipeline::new(&mut tx);
-        SETTLE_OUTBOX.write(&mut pipe, &rows, bind_settle).await?;
-        pipe.finish().await?;
-        tx.commit().await?;
-        Ok(())
+        daemon::settle_outbox(self, outcomes).await
     }
 
     async fn deliveries(&self, customer_id: &str) -> Result<Vec<DeliveryState>> {
-        let rows: Vec<DeliveryStateRow> = sqlx::query_as(&format!(
-            "SELECT {OUTBOX_COLUMNS}, status, attempts, next_attempt_at, last_error, sent_at
-             FROM outbox WHERE customer_id = ?1 ORDER BY rowid"
-        ))
-        .bind(customer_id)
-        .fetch_all(&self.read)
-        .await?;
-        rows.into_iter().map(DeliveryStateRow::into_state).collect()
+        daemon::deliveries(self, customer_id).await
     }
 
     async fn outbox_depth(&self, now: Time) -> Result<OutboxDepth> {
-        // Each count walks a partial index (`outbox_pending`, `outbox_dead`), never the
-        // sent rows: this runs on every metrics scrape.
-        let row: OutboxDepthRow = sqlx::query_as(
-            "SELECT (SELECT COUNT(*) FROM outbox WHERE status = 'pending') AS pending,
-                    (SELECT COUNT(*) FROM outbox
-                      WHERE status = 'pending' AND next_attempt_at <= ?1) AS due,
-                    (SELECT COUNT(*) FROM outbox WHERE status = 'dead') AS dead,
-                    (SELECT MIN(next_attempt_at) FROM outbox
-                      WHERE status = 'pending' AND next_attempt_at <= ?1) AS oldest_due",
-        )
-        .bind(ms(now))
-        .fetch_one(&self.read)
-        .await?;
-        row.into_depth()
+        daemon::outbox_depth(self, now).await
     }
 
     async fn set_paused(&self, flow: &str, paused: bool, at: Time) -> Result<()> {
-        let mut tx = self.begin().await?;
-        sqlx::query(
-            "INSERT INTO flow_state (flow, paused, updated_at) VALUES (?1, ?2, ?3)
-             ON CONFLICT (flow) DO UPDATE SET paused = excluded.paused,
-                 updated_at = excluded.updated_at",
-        )
-        .bind(flow)
-        .bind(paused)
-        .bind(ms(at))
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        daemon::set_paused(self, flow, paused, at).await
     }
 
     async fn paused_flows(&self) -> Result<Vec<String>> {
-        Ok(
-            sqlx::query_scalar("SELECT flow FROM flow_state WHERE paused ORDER BY flow")
-                .fetch_all(&self.read)
-                .await?,
-        )
+        daemon::paused_flows(self).await
     }
 
     async fn claim_fire(&self, flow: &str, fire_at: Time, now: Time) -> Result<bool> {
-        let mut tx = self.begin().await?;
-        let done = sqlx::query(
-            "INSERT INTO schedule_fires (flow, fire_at, fired_at) VALUES (?1, ?2, ?3)
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(flow)
-        .bind(ms(fire_at))
-        .bind(ms(now))
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(done.rows_affected() == 1)
+        daemon::claim_fire(self, flow, fire_at, now).await
     }
 
     async fn last_fire(&self, flow: &str) -> Result<Option<Time>> {
-        let last: Option<i64> =
-            sqlx::query_scalar("SELECT MAX(fire_at) FROM schedule_fires WHERE flow = ?1")
-                .bind(flow)
-                .fetch_one(&self.read)
-                .await?;
-        last.map(|ms| codec::time("schedule_fires", ms)).transpose()
+        daemon::last_fire(self, flow).await
     }
 
     async fn flow_counts(&self, flow: Option<&str>) -> Result<Vec<FlowCounts>> {
-        // Conversions join on their run (at most one per run): `converted` counts the flow's
-        // rows in `conversions`.
-        let rows: Vec<FlowCountsRow> = sqlx::query_as(
-            "SELECT r.flow AS flow,
-                    COUNT(*) AS entered,
-                    COUNT(*) FILTER (WHERE r.status = 'waiting') AS waiting,
-                    COUNT(*) FILTER (WHERE r.status = 'ended' AND (r.outcome IS NULL
-                                     OR r.outcome NOT IN ('exited', 'error'))) AS completed,
-                    COUNT(*) FILTER (WHERE r.status = 'ended' AND r.outcome = 'exited')
-                        AS exited,
-                    COUNT(*) FILTER (WHERE r.status = 'ended' AND r.outcome = 'error')
-                        AS errored,
-                    COUNT(c.run_id) AS converted
-             FROM runs r LEFT JOIN conversions c ON c.run_id = r.id
-             WHERE ?1 IS NULL OR r.flow = ?1
-             GROUP BY r.flow ORDER BY r.flow",
-        )
-        .bind(flow)
-        .fetch_all(&self.read)
-        .await?;
-        Ok(rows.into_iter().map(FlowCountsRow::into_counts).collect())
+        daemon::flow_counts(self, flow).await
     }
 
     async fn claim_customers(
@@ -1268,47 +894,18 @@ impl Store for SqliteStore {
         now: Time,
         until: Time,
     ) -> Result<Vec<String>> {
-        let wanted = codec::lease_ids(ids);
-        if wanted.is_empty() {
-            return Ok(Vec::new());
-        }
-        let until = ms(until);
-        let statements = CLAIM_CUSTOMERS.encode(&wanted, |a, id| {
-            add!(a; id, owner, until);
-            Ok(())
-        })?;
-        let mut held = Vec::with_capacity(wanted.len());
-        let mut tx = self.begin().await?;
-        for (sql, mut args) in statements {
-            add!(&mut args; ms(now));
-            let taken: Vec<String> = sqlx::query_scalar_with(sql, args)
-                .fetch_all(&mut *tx)
-                .await?;
-            held.extend(taken);
-        }
-        tx.commit().await?;
-        Ok(codec::in_given_order(ids, held))
+        daemon::claim_customers(self, ids, owner, now, until).await
     }
 
     async fn release_customers(&self, ids: &[String], owner: &str) -> Result<()> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let ids = string_array(ids.iter().map(String::as_str));
-        let mut tx = self.begin().await?;
-        sqlx::query(
-            "DELETE FROM customer_leases
-             WHERE customer_id IN (SELECT value FROM json_each(?1)) AND owner = ?2",
-        )
-        .bind(ids)
-        .bind(owner)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        daemon::release_customers(self, ids, owner).await
     }
 }
 
 pub(crate) fn limit_i64(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
+
+// After the macros above, which the submodules use.
+mod daemon;
+mod reads;

@@ -1,0 +1,140 @@
+//! Reads for operators and tests: outbox rows, history, runs, conversions, per-step and per-arm counts, customer ids. None of them is on the engine's hot path.
+//! The [`Store`](super::Store) impl in `mod.rs` delegates here.
+
+use super::*;
+
+pub(super) async fn customer_ids(
+    s: &PgStore,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<String>> {
+    let ids = match after {
+        Some(after) => {
+            sqlx::query_scalar("SELECT id FROM customers WHERE id > $1 ORDER BY id LIMIT $2")
+                .bind(after)
+                .bind(limit_i64(limit))
+                .fetch_all(&s.pool)
+                .await?
+        }
+        None => {
+            sqlx::query_scalar("SELECT id FROM customers ORDER BY id LIMIT $1")
+                .bind(limit_i64(limit))
+                .fetch_all(&s.pool)
+                .await?
+        }
+    };
+    Ok(ids)
+}
+
+pub(super) async fn outbox(s: &PgStore, customer_id: Option<&str>) -> Result<Vec<OutboxRow>> {
+    const COLUMNS: &str = "key, kind, run_id, flow, customer_id, step, channel, address, \
+                           template, payload::text AS payload, transactional, created_at";
+    let rows: Vec<OutboxDbRow> = match customer_id {
+        Some(c) => {
+            sqlx::query_as(&format!(
+                "SELECT {COLUMNS} FROM outbox WHERE customer_id = $1 ORDER BY ord"
+            ))
+            .bind(c)
+            .fetch_all(&s.pool)
+            .await?
+        }
+        None => {
+            sqlx::query_as(&format!("SELECT {COLUMNS} FROM outbox ORDER BY ord"))
+                .fetch_all(&s.pool)
+                .await?
+        }
+    };
+    rows.into_iter().map(OutboxDbRow::into_row).collect()
+}
+
+pub(super) async fn history(s: &PgStore, customer_id: Option<&str>) -> Result<Vec<HistoryEntry>> {
+    const COLUMNS: &str =
+        "run_id, seq, flow, customer_id, step, at, action, detail::text AS detail";
+    let rows: Vec<HistoryRow> = match customer_id {
+        // Through the customer's runs: the history primary key starts with run_id.
+        Some(c) => {
+            sqlx::query_as(&format!(
+                "SELECT {COLUMNS} FROM history
+                 WHERE run_id IN (SELECT id FROM runs WHERE customer_id = $1)
+                 ORDER BY ord"
+            ))
+            .bind(c)
+            .fetch_all(&s.pool)
+            .await?
+        }
+        None => {
+            sqlx::query_as(&format!("SELECT {COLUMNS} FROM history ORDER BY ord"))
+                .fetch_all(&s.pool)
+                .await?
+        }
+    };
+    rows.into_iter().map(HistoryRow::into_entry).collect()
+}
+
+pub(super) async fn runs(s: &PgStore, customer_id: &str) -> Result<Vec<Run>> {
+    let rows: Vec<RunRow> = sqlx::query_as(&format!(
+        "SELECT {RUN_SELECT} FROM runs WHERE customer_id = $1 ORDER BY entered_at, id"
+    ))
+    .bind(customer_id)
+    .fetch_all(&s.pool)
+    .await?;
+    rows.into_iter().map(RunRow::into_run).collect()
+}
+
+pub(super) async fn conversions(s: &PgStore, flow: Option<&str>) -> Result<Vec<Conversion>> {
+    let rows: Vec<ConversionRow> = sqlx::query_as(
+        "SELECT run_id, flow, version, customer_id, arm, last_touch, event_id, at
+         FROM conversions WHERE $1::text IS NULL OR flow = $1 ORDER BY at, run_id",
+    )
+    .bind(flow)
+    .fetch_all(&s.pool)
+    .await?;
+    rows.into_iter()
+        .map(ConversionRow::into_conversion)
+        .collect()
+}
+
+pub(super) async fn node_counts(s: &PgStore, flow: Option<&str>) -> Result<Vec<NodeCount>> {
+    let rows: Vec<NodeCountRow> = sqlx::query_as(
+        "SELECT flow, step, COUNT(*) AS waiting FROM runs
+         WHERE status = 'waiting' AND ($1::text IS NULL OR flow = $1)
+         GROUP BY flow, step ORDER BY flow, step",
+    )
+    .bind(flow)
+    .fetch_all(&s.pool)
+    .await?;
+    Ok(rows.into_iter().map(NodeCountRow::into_count).collect())
+}
+
+pub(super) async fn goal_report(
+    s: &PgStore,
+    flow: Option<&str>,
+) -> Result<Vec<crate::store::ArmCount>> {
+    let rows: Vec<codec::ArmCountRow> = sqlx::query_as(
+        "SELECT r.flow AS flow, r.arm AS arm, COUNT(*) AS runs, COUNT(c.run_id) AS converted
+         FROM runs r LEFT JOIN conversions c ON c.run_id = r.id
+         WHERE $1::text IS NULL OR r.flow = $1
+         GROUP BY r.flow, r.arm ORDER BY r.flow, r.arm",
+    )
+    .bind(flow)
+    .fetch_all(&s.pool)
+    .await?;
+    rows.into_iter()
+        .map(codec::ArmCountRow::into_count)
+        .collect()
+}
+
+pub(super) async fn counts(s: &PgStore) -> Result<Counts> {
+    let row: CountsRow = sqlx::query_as(
+        "SELECT (SELECT COUNT(*) FROM customers) AS customers,
+                (SELECT COUNT(*) FROM runs) AS runs,
+                (SELECT COUNT(*) FROM runs WHERE status = 'waiting') AS waiting,
+                (SELECT COUNT(*) FROM history) AS history,
+                (SELECT COUNT(*) FROM outbox) AS outbox,
+                (SELECT COUNT(*) FROM conversions) AS conversions,
+                (SELECT COUNT(*) FROM inbox WHERE applied_at IS NULL) AS inbox_pending",
+    )
+    .fetch_one(&s.pool)
+    .await?;
+    Ok(row.into_counts())
+}
