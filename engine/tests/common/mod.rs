@@ -234,3 +234,28 @@ pub async fn commit(db: &Database, batch: &Batch) {
 pub async fn counts(db: &Database) -> Counts {
     db.counts().await.expect("counts")
 }
+
+// ---- customer leases ---------------------------------------------------------------------------
+
+pub fn ids(list: &[&str]) -> Vec<String> {
+    list.iter().map(|&id| id.to_owned()).collect()
+}
+
+/// Claim `list` for `owner` at `now` until `until`: the ids it now holds.
+pub async fn lease(
+    db: &Database,
+    list: &[&str],
+    owner: &str,
+    now: Time,
+    until: Time,
+) -> Vec<String> {
+    db.claim_customers(&ids(list), owner, now, until)
+        .await
+        .expect("claim customers")
+}
+
+pub async fn release(db: &Database, list: &[&str], owner: &str) {
+    db.release_customers(&ids(list), owner)
+        .await
+        .expect("release customers");
+}
