@@ -132,12 +132,17 @@ impl Held {
         self.per_channel.get(channel).copied().unwrap_or(0) < cap
     }
 
-    /// The channels with no room left, for the claim to pass over.
+    /// The channels for the claim to pass over: those with less than a quarter of their
+    /// share free, so a channel sending a row at a time is not claimed for (and most of the
+    /// claim handed back) at every row.
     fn full(&self) -> Vec<String> {
         self.per_channel
-            .keys()
-            .filter(|c| !self.has_room(c))
-            .cloned()
+            .iter()
+            .filter(|(c, held)| {
+                let cap = self.caps.get(*c).copied().unwrap_or(MAX_IN_FLIGHT);
+                cap.saturating_sub(**held) < (cap / 4).max(1)
+            })
+            .map(|(c, _)| c.clone())
             .collect()
     }
 

@@ -99,12 +99,15 @@ pub async fn run(app: Arc<App>, owner: String, mut stop: watch::Receiver<bool>) 
 }
 
 fn report(taken: &Takeover) {
-    if !taken.is_empty() {
+    if taken.outbox > 0 || taken.customers > 0 {
         tracing::warn!(
             daemons = ?taken.daemons,
             outbox_rows = taken.outbox,
             customers = taken.customers,
             "took over the claims of daemons that stopped"
         );
+    } else if !taken.daemons.is_empty() {
+        // A daemon that stopped cleanly holds nothing: only its heartbeat row goes.
+        tracing::info!(daemons = ?taken.daemons, "forgot daemons that stopped");
     }
 }
