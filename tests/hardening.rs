@@ -2,10 +2,10 @@
 //! password leaves the process, and the HTTP details — a JSON 413 for an over-limit body,
 //! `bearer` in any case, 415 for a body that is not JSON, logs without colour codes.
 //!
-//! The Postgres tests need CANVAS_TEST_POSTGRES_URL (`.ci/run` sets it); without it they
-//! say SKIPPED and CI fails on that word. They never stop the shared server: an outage is
-//! a test-owned TCP proxy in front of it that stops forwarding, or a port that never
-//! answers.
+//! The Postgres tests use CANVAS_TEST_POSTGRES_URL, or the local server at its standard
+//! address; a test that cannot reach it fails rather than passing unrun. They never stop the
+//! shared server: an outage is a test-owned TCP proxy in front of it that stops forwarding,
+//! or a port that never answers.
 
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, READ, WRITE, call, client, error_code};
+use common::{Daemon, FreshDb, READ, WRITE, call, client, error_code, pg_base};
 use serde_json::{Value, json};
 use sqlx::Connection as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -30,18 +30,6 @@ const PLANTED: &str = "PLANTEDpw8c1e";
 const TIMEOUT: &str = "1s";
 /// What "within the timeout" allows on top of it: process start, a loaded machine.
 const SLACK: Duration = Duration::from_millis(1500);
-
-fn postgres_url() -> Option<String> {
-    match std::env::var("CANVAS_TEST_POSTGRES_URL") {
-        Ok(u) if !u.is_empty() => Some(u),
-        _ => {
-            eprintln!(
-                "\n*** SKIPPED: this hardening test needs CANVAS_TEST_POSTGRES_URL (.ci/run sets it) ***\n"
-            );
-            None
-        }
-    }
-}
 
 /// Every line `d` wrote so far, checked for the planted password and for colour codes.
 fn assert_clean_log(d: &Daemon) {
@@ -159,52 +147,15 @@ fn closed_port() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
-/// A fresh database on the test server, reached through `via` with the planted password;
-/// dropped afterwards.
-struct FreshDb {
-    admin: String,
-    name: String,
-}
-
-impl FreshDb {
-    async fn create(admin: &str, tag: &str) -> FreshDb {
-        let name = format!("canvas_hardening_{}_{tag}", std::process::id());
-        let mut conn = sqlx::PgConnection::connect(admin).await.unwrap();
-        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        FreshDb {
-            admin: admin.to_owned(),
-            name,
-        }
+/// `url` (a fresh database's) reached through `via` (the server's own address when `None`),
+/// with the planted password.
+fn planted(url: &str, via: Option<SocketAddr>) -> String {
+    let mut url = reqwest::Url::parse(url).unwrap();
+    if let Some(a) = via {
+        url.set_port(Some(a.port())).unwrap();
     }
-
-    /// Its URL through `via` (the server's own address when `None`), with the password.
-    fn url(&self, via: Option<SocketAddr>) -> String {
-        let mut url = reqwest::Url::parse(&self.admin).unwrap();
-        if let Some(a) = via {
-            url.set_port(Some(a.port())).unwrap();
-        }
-        url.set_password(Some(PLANTED)).unwrap();
-        url.set_path(&self.name);
-        url.to_string()
-    }
-
-    async fn drop_it(self) {
-        if let Ok(mut conn) = sqlx::PgConnection::connect(&self.admin).await {
-            let _ = sqlx::query(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
-            .execute(&mut conn)
-            .await;
-        }
-    }
+    url.set_password(Some(PLANTED)).unwrap();
+    url.to_string()
 }
 
 fn upstream(admin: &str) -> SocketAddr {
@@ -222,8 +173,8 @@ fn upstream(admin: &str) -> SocketAddr {
 /// timeout, `/readyz` within a second, and all is well again once the database answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_outage_answers_503_within_the_timeout_and_recovers() {
-    let Some(admin) = postgres_url() else { return };
-    let db = FreshDb::create(&admin, "outage").await;
+    let admin = pg_base();
+    let db = FreshDb::create(&admin, "canvas_hardening_outage").await;
     let proxy = Proxy::start(upstream(&admin)).await;
     let dir = tempfile::tempdir().unwrap();
     let flows = dir.path().join("flows");
@@ -231,7 +182,7 @@ async fn postgres_outage_answers_503_within_the_timeout_and_recovers() {
     // Debug logs: sqlx's and ours, all of them checked for the password at the end.
     let d = Daemon::spawn(
         flows,
-        &db.url(Some(proxy.addr)),
+        &planted(&db.url, Some(proxy.addr)),
         &[
             ("CANVAS_DATABASE_TIMEOUT", TIMEOUT),
             ("CANVAS_LOG", "debug"),
@@ -527,9 +478,9 @@ async fn no_planted_password_in_failing_startups_commands_or_debug_logs() {
             vec![("CANVAS_DATABASE_URL", unreachable.clone())],
         ));
     }
-    if let Some(admin) = postgres_url() {
+    {
         // The real server refusing the login: its error text, our context.
-        let mut url = reqwest::Url::parse(&admin).unwrap();
+        let mut url = reqwest::Url::parse(&pg_base()).unwrap();
         url.set_username("no_such_role_canvas").unwrap();
         url.set_password(Some(PLANTED)).unwrap();
         runs.push((
@@ -570,9 +521,13 @@ async fn no_planted_password_in_failing_startups_commands_or_debug_logs() {
     assert!(failed >= outputs.len() - 1, "every run but --help fails");
 
     // A daemon that runs, with debug logs, on a URL with a password.
-    let Some(admin) = postgres_url() else { return };
-    let db = FreshDb::create(&admin, "secrets").await;
-    let d = Daemon::spawn(flows, &db.url(None), &[("CANVAS_LOG", "debug")], None);
+    let db = FreshDb::create(&pg_base(), "canvas_hardening_secrets").await;
+    let d = Daemon::spawn(
+        flows,
+        &planted(&db.url, None),
+        &[("CANVAS_LOG", "debug")],
+        None,
+    );
     let b = d.base.clone();
     assert_eq!(post_event(&b, "e1").await.0, 200);
     let (s, body, _) = get(&format!("{b}/v1/customers/c1/journeys")).await;
