@@ -48,6 +48,8 @@ pub struct App {
     /// Held while a new engine is built from the current one, so two reloads never undo
     /// each other.
     swap_lock: Mutex<()>,
+    /// Held while the paused flows are read and applied.
+    pause_lock: tokio::sync::Mutex<()>,
     /// Woken when the inbox has new items.
     pub wake: Notify,
     /// Woken when the engine committed outbox rows.
@@ -87,6 +89,9 @@ impl App {
     /// Re-read the paused flows from the database (several daemons share them). Every
     /// engine shares one paused set and reads it each round, so this takes effect at once.
     async fn refresh_paused(&self) -> anyhow::Result<()> {
+        // One refresh at a time, so a read that began before a pause committed can never be
+        // applied after the pause's own refresh (and undo it until the next poll).
+        let _one = self.pause_lock.lock().await;
         let paused: HashSet<String> = self.db.paused_flows().await?.into_iter().collect();
         if self.engine().paused.replace(paused) {
             tracing::info!(paused = ?self.engine().paused.names(), "paused flows changed");
@@ -200,6 +205,7 @@ async fn serve(settings: Settings, registry: Registry) -> anyhow::Result<ExitCod
         db,
         engine: RwLock::new(Arc::new(runtime)),
         swap_lock: Mutex::new(()),
+        pause_lock: tokio::sync::Mutex::new(()),
         wake: Notify::new(),
         outbox_wake: Notify::new(),
         metrics: Metrics::new(),
