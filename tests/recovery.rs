@@ -157,21 +157,11 @@ async fn all_arrive(r: &Receiver, n: usize, within: Duration) -> Duration {
     }
 }
 
-/// Defect: with `rate_limit: 5` and 150 messages, 95 keys arrived twice — rows waiting for
-/// a slot outlived their lease and were claimed again — and signatures carried the claim's
-/// time, tens of seconds old at receipt.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rate_limited_channel_never_sends_a_key_twice() {
+/// 40 messages at 5/s take 8 s; the lease is 2 s.
+async fn rate_limited(database: &str, dir: &std::path::Path) {
     let (url, r) = receiver().await;
-    let dir = tempfile::tempdir().unwrap();
-    // 40 messages at 5/s take 8 s; the lease is 2 s.
-    let flows = flows(
-        dir.path(),
-        &channel(&url, "    rate_limit: 5\n"),
-        "{ outbox: 2s }",
-    );
-    let database = format!("sqlite://{}", dir.path().join("canvas.db").display());
-    let daemon = Daemon::spawn(flows, &database, &[("HOOK_SECRET", SECRET)], None);
+    let flows = flows(dir, &channel(&url, "    rate_limit: 5\n"), "{ outbox: 2s }");
+    let daemon = Daemon::spawn(flows, database, &[("HOOK_SECRET", SECRET)], None);
     post_events(&daemon.base, 40).await;
     all_arrive(&r, 40, Duration::from_secs(60)).await;
     // Anything claimed twice would arrive within a lease of the last one.
@@ -184,6 +174,31 @@ async fn a_rate_limited_channel_never_sends_a_key_twice() {
         "a signature was {} s old at receipt",
         seen.oldest_signature
     );
+}
+
+/// Defect: with `rate_limit: 5` and 150 messages, 95 keys arrived twice — rows waiting for
+/// a slot outlived their lease and were claimed again — and signatures carried the claim's
+/// time, tens of seconds old at receipt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_channel_never_sends_a_key_twice_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = format!("sqlite://{}", dir.path().join("canvas.db").display());
+    rate_limited(&database, dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_channel_never_sends_a_key_twice_on_postgres() {
+    let db = FreshDb::create(&pg_base(), "canvas_rate_limit").await;
+    let url = db.url.clone();
+    let outcome = tokio::spawn(async move {
+        let dir = tempfile::tempdir().unwrap();
+        rate_limited(&url, dir.path()).await;
+    })
+    .await;
+    db.drop_it().await;
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
 }
 
 /// Rows on the wire when the daemon is killed; the receiver then answers again.
