@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use canvas_engine::clock::Clock;
 use canvas_engine::policy::Policy;
 use canvas_engine::registry::Registry;
-use canvas_engine::runtime::{FlowSet, Pace, Runtime};
+use canvas_engine::runtime::{FlowSet, Pace, Runtime, process_inbox_from};
 use canvas_engine::state::{Event, InboxItem, Time};
 use canvas_engine::store::{Database, PgStore, Store};
 use chrono::{DateTime, Duration};
@@ -38,10 +38,15 @@ fn t0() -> Time {
 }
 
 fn runtime(store: Database) -> Runtime<Database> {
+    runtime_ending(store, "entered")
+}
+
+/// A runtime whose one flow, `enter`, ends its runs with `outcome` (a version per outcome).
+fn runtime_ending(store: Database, outcome: &str) -> Runtime<Database> {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(
         dir.path().join("enter.yaml"),
-        "flow: enter\nname: Enter\ntimezone: UTC\ntrigger: { event: go }\nsteps:\n  - { id: done, exit: entered }\n",
+        format!("flow: enter\nname: Enter\ntimezone: UTC\ntrigger: {{ event: go }}\nsteps:\n  - {{ id: done, exit: {outcome} }}\n"),
     )
     .expect("write flow");
     let v = canvas_engine::validate_paths(&[dir.path().to_path_buf()], &Registry::new())
@@ -192,6 +197,47 @@ async fn a_pause_holds_from_the_next_round_of_a_running_pass() {
             }
         }
         assert_eq!(entered, (0..400).collect::<Vec<_>>());
+    })
+    .await;
+}
+
+/// A hot reload swaps the daemon's runtime; a pass already running takes the new flow
+/// versions from its next round on, not from its next pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_from_the_next_round_of_a_running_pass() {
+    on_both(async |db| {
+        let before = runtime_ending(db.clone(), "first");
+        let after = runtime_ending(db, "second");
+        let v1 = before.flows.get("enter").expect("v1").hash.0.clone();
+        let v2 = after.flows.get("enter").expect("v2").hash.0.clone();
+        assert_ne!(v1, v2);
+        before.register_versions(t0()).await.expect("versions");
+        after.register_versions(t0()).await.expect("versions");
+        before
+            .store
+            .enqueue(&events(1000, t0()))
+            .await
+            .expect("enqueue");
+        // Rounds 1–3 see the runtime before the reload, rounds 4 on the one after.
+        let rounds = std::cell::Cell::new(0);
+        let current = || {
+            rounds.set(rounds.get() + 1);
+            if rounds.get() <= 3 { &before } else { &after }
+        };
+        let stats = process_inbox_from(current, Pace::at(t0()), |_| {})
+            .await
+            .expect("pass");
+        assert_eq!(stats.items, 1000);
+        for i in 0..1000 {
+            let runs = before.store.runs(&format!("c{i:04}")).await.expect("runs");
+            let (version, outcome) = if i < 300 {
+                (&v1, "first")
+            } else {
+                (&v2, "second")
+            };
+            assert_eq!(&runs[0].version, version, "c{i:04}");
+            assert_eq!(runs[0].outcome.as_deref(), Some(outcome), "c{i:04}");
+        }
     })
     .await;
 }

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use canvas_engine::Registry;
 use canvas_engine::clock::{Clock, SystemClock};
-use canvas_engine::runtime::{FlowSet, Pace, Runtime, Stats};
+use canvas_engine::runtime::{self, FlowSet, Pace, Runtime, Stats};
 use canvas_engine::state::Time;
 use canvas_engine::store::{Database, Store};
 use tokio::sync::{Notify, watch};
@@ -34,8 +34,7 @@ use metrics::Metrics;
 /// this often.
 const MAX_IDLE: Duration = Duration::from_millis(500);
 /// How long each phase of an engine pass (due timers, then the inbox) may take before the
-/// pass moves on: under any inbox backlog, timers are served and reloaded flows picked up
-/// within about twice this.
+/// pass moves on: under any inbox backlog, timers are served within about twice this.
 const PHASE_BUDGET: Duration = Duration::from_millis(200);
 /// How often the paused flows are read from the database, for pauses made through another
 /// daemon (a pause through this one applies at once).
@@ -369,10 +368,11 @@ async fn engine_pass(app: &App, last_fire: &mut HashMap<String, Time>) -> anyhow
     };
     let budget = chrono::Duration::from_std(PHASE_BUDGET).unwrap_or(chrono::Duration::MAX);
     let mut stats = Stats::default();
+    // Each round takes the engine as it is then: a hot reload applies from the next round.
     let timers = Pace::live(&*app.clock, budget);
-    stats.add(engine.fire_due_with(timers, observe("timers")).await?);
+    stats.add(runtime::fire_due_from(|| app.engine(), timers, observe("timers")).await?);
     let inbox = Pace::live(&*app.clock, budget);
-    stats.add(engine.process_inbox_with(inbox, observe("inbox")).await?);
+    stats.add(runtime::process_inbox_from(|| app.engine(), inbox, observe("inbox")).await?);
     let now = app.clock.now();
     // Schedules and segment rechecks: each (flow, moment) is claimed in the database, so
     // with several daemons exactly one enters the audience.

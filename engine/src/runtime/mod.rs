@@ -221,69 +221,9 @@ impl<S: Store> Runtime<S> {
     pub async fn process_inbox_with(
         &self,
         pace: Pace<'_>,
-        mut progress: impl FnMut(&Stats),
+        progress: impl FnMut(&Stats),
     ) -> Result<Stats> {
-        let mut stats = Stats::default();
-        let mut after = None;
-        let mut committing: Option<Committing> = None;
-        let mut skipped: HashSet<String> = HashSet::new();
-        loop {
-            if pace.spent() {
-                stats.more = true;
-                break;
-            }
-            let pending = self.store.inbox_pending(after, self.batch_size).await?;
-            let Some(&(last, _)) = pending.last() else {
-                break;
-            };
-            // Read after the items: they were committed before, so the round's time (their
-            // `applied_at`) is never earlier than their receipt.
-            let now = pace.now();
-            after = Some(last);
-            let mut ids = unique(pending.iter().map(|(_, i)| i.customer_id()));
-            if committing.as_ref().is_some_and(|c| c.touches(&ids)) {
-                stats.add(finish(committing.take(), &mut progress).await?);
-            }
-            let mut pending = pending;
-            if self.owner.is_some() {
-                // A customer skipped once in this pass stays skipped: their later items
-                // must not overtake the ones another process is applying.
-                ids.retain(|id| !skipped.contains(id));
-                let held: HashSet<String> = self.claim(&ids, now).await?.into_iter().collect();
-                skipped.extend(ids.iter().filter(|id| !held.contains(*id)).cloned());
-                ids.retain(|id| held.contains(id));
-                pending.retain(|(_, i)| held.contains(i.customer_id()));
-                // Items read before the lease may have been applied by the process that
-                // held these customers until now: keep only what is still unapplied.
-                let seqs: Vec<i64> = pending.iter().map(|(seq, _)| *seq).collect();
-                let unapplied: HashSet<i64> = self
-                    .store
-                    .inbox_unapplied(&seqs)
-                    .await?
-                    .into_iter()
-                    .collect();
-                pending.retain(|(seq, _)| unapplied.contains(seq));
-                if ids.is_empty() {
-                    continue;
-                }
-            }
-            let mut work = self.load(&ids, now).await?;
-            for (seq, item) in &pending {
-                let mut cs = work.entry(item.customer_id(), now);
-                match item {
-                    InboxItem::Event(e) => self.on_event(&mut cs, e, now),
-                    InboxItem::Profile(p) => self.on_profile(&mut cs, p, now),
-                    InboxItem::CallResult(c) => self.on_call_result(&mut cs, c, now),
-                }
-                work.batch.inbox_done.push(*seq);
-                work.stats.items += 1;
-            }
-            // One writer, in order: the previous round is committed before this one starts.
-            stats.add(finish(committing.take(), &mut progress).await?);
-            committing = Some(self.spawn_commit(work, ids, now));
-        }
-        stats.add(finish(committing, &mut progress).await?);
-        Ok(stats)
+        process_inbox_from(|| self, pace, progress).await
     }
 
     /// Fire every timer due at `now`.
@@ -297,70 +237,9 @@ impl<S: Store> Runtime<S> {
     pub async fn fire_due_with(
         &self,
         pace: Pace<'_>,
-        mut progress: impl FnMut(&Stats),
+        progress: impl FnMut(&Stats),
     ) -> Result<Stats> {
-        let mut stats = Stats::default();
-        let mut committing: Option<Committing> = None;
-        // Customers whose due runs cannot move (pinned to a flow version this process has
-        // not loaded): left due, and read past so they never hold up the timers behind them.
-        let mut stuck: HashSet<String> = HashSet::new();
-        loop {
-            if pace.spent() {
-                stats.more = true;
-                break;
-            }
-            let now = pace.now();
-            // Customers still committing are still due in the store: read past them too.
-            let extra = committing.as_ref().map_or(0, |c| c.customers.len()) + stuck.len();
-            let ids: Vec<String> = self
-                .store
-                .due(now, self.batch_size + extra)
-                .await?
-                .into_iter()
-                .filter(|id| {
-                    !stuck.contains(id)
-                        && !committing
-                            .as_ref()
-                            .is_some_and(|c| c.customers.contains(id))
-                })
-                .take(self.batch_size)
-                .collect();
-            if ids.is_empty() {
-                if committing.is_none() {
-                    break;
-                }
-                stats.add(finish(committing.take(), &mut progress).await?);
-                continue;
-            }
-            let ids = if self.owner.is_some() {
-                // Customers another process holds are read past, like stuck ones; their
-                // timers stay due for whoever holds them or for a later pass.
-                let held: HashSet<String> = self.claim(&ids, now).await?.into_iter().collect();
-                stuck.extend(ids.iter().filter(|id| !held.contains(*id)).cloned());
-                let ids: Vec<String> = ids.into_iter().filter(|id| held.contains(id)).collect();
-                if ids.is_empty() {
-                    continue;
-                }
-                ids
-            } else {
-                ids
-            };
-            let mut work = self.load(&ids, now).await?;
-            for id in &ids {
-                let mut cs = work.entry(id, now);
-                self.on_timers(&mut cs, now);
-                let still_due = cs.loaded.runs.iter().any(|(r, _)| {
-                    r.status == RunStatus::Waiting && r.wake_at.is_some_and(|w| w <= now)
-                });
-                if still_due {
-                    stuck.insert(id.clone());
-                }
-            }
-            stats.add(finish(committing.take(), &mut progress).await?);
-            committing = Some(self.spawn_commit(work, ids, now));
-        }
-        stats.add(finish(committing, &mut progress).await?);
-        Ok(stats)
+        fire_due_from(|| self, pace, progress).await
     }
 
     /// Enter the audience of every schedule whose cron fires in `(after, now]`, and recheck
@@ -781,6 +660,147 @@ impl<S: Store> Runtime<S> {
         loaded.settle();
         cs.stats.started += 1;
     }
+}
+
+/// [`Runtime::process_inbox_with`], taking the runtime afresh from `current` at every round:
+/// the daemon swaps runtimes on a hot reload, and a round that starts after the swap applies
+/// the new flow versions, however long the pass.
+pub async fn process_inbox_from<S: Store, R: std::ops::Deref<Target = Runtime<S>>>(
+    current: impl Fn() -> R,
+    pace: Pace<'_>,
+    mut progress: impl FnMut(&Stats),
+) -> Result<Stats> {
+    let mut stats = Stats::default();
+    let mut after = None;
+    let mut committing: Option<Committing> = None;
+    let mut skipped: HashSet<String> = HashSet::new();
+    loop {
+        if pace.spent() {
+            stats.more = true;
+            break;
+        }
+        // The runtime as it is now: a hot reload between rounds takes effect at once.
+        let rt = current();
+        let pending = rt.store.inbox_pending(after, rt.batch_size).await?;
+        let Some(&(last, _)) = pending.last() else {
+            break;
+        };
+        // Read after the items: they were committed before, so the round's time (their
+        // `applied_at`) is never earlier than their receipt.
+        let now = pace.now();
+        after = Some(last);
+        let mut ids = unique(pending.iter().map(|(_, i)| i.customer_id()));
+        if committing.as_ref().is_some_and(|c| c.touches(&ids)) {
+            stats.add(finish(committing.take(), &mut progress).await?);
+        }
+        let mut pending = pending;
+        if rt.owner.is_some() {
+            // A customer skipped once in this pass stays skipped: their later items
+            // must not overtake the ones another process is applying.
+            ids.retain(|id| !skipped.contains(id));
+            let held: HashSet<String> = rt.claim(&ids, now).await?.into_iter().collect();
+            skipped.extend(ids.iter().filter(|id| !held.contains(*id)).cloned());
+            ids.retain(|id| held.contains(id));
+            pending.retain(|(_, i)| held.contains(i.customer_id()));
+            // Items read before the lease may have been applied by the process that
+            // held these customers until now: keep only what is still unapplied.
+            let seqs: Vec<i64> = pending.iter().map(|(seq, _)| *seq).collect();
+            let unapplied: HashSet<i64> =
+                rt.store.inbox_unapplied(&seqs).await?.into_iter().collect();
+            pending.retain(|(seq, _)| unapplied.contains(seq));
+            if ids.is_empty() {
+                continue;
+            }
+        }
+        let mut work = rt.load(&ids, now).await?;
+        for (seq, item) in &pending {
+            let mut cs = work.entry(item.customer_id(), now);
+            match item {
+                InboxItem::Event(e) => rt.on_event(&mut cs, e, now),
+                InboxItem::Profile(p) => rt.on_profile(&mut cs, p, now),
+                InboxItem::CallResult(c) => rt.on_call_result(&mut cs, c, now),
+            }
+            work.batch.inbox_done.push(*seq);
+            work.stats.items += 1;
+        }
+        // One writer, in order: the previous round is committed before this one starts.
+        stats.add(finish(committing.take(), &mut progress).await?);
+        committing = Some(rt.spawn_commit(work, ids, now));
+    }
+    stats.add(finish(committing, &mut progress).await?);
+    Ok(stats)
+}
+
+/// [`Runtime::fire_due_with`], taking the runtime afresh from `current` at every round (see
+/// [`process_inbox_from`]).
+pub async fn fire_due_from<S: Store, R: std::ops::Deref<Target = Runtime<S>>>(
+    current: impl Fn() -> R,
+    pace: Pace<'_>,
+    mut progress: impl FnMut(&Stats),
+) -> Result<Stats> {
+    let mut stats = Stats::default();
+    let mut committing: Option<Committing> = None;
+    // Customers whose due runs cannot move (pinned to a flow version this process has
+    // not loaded): left due, and read past so they never hold up the timers behind them.
+    let mut stuck: HashSet<String> = HashSet::new();
+    loop {
+        if pace.spent() {
+            stats.more = true;
+            break;
+        }
+        let rt = current();
+        let now = pace.now();
+        // Customers still committing are still due in the store: read past them too.
+        let extra = committing.as_ref().map_or(0, |c| c.customers.len()) + stuck.len();
+        let ids: Vec<String> = rt
+            .store
+            .due(now, rt.batch_size + extra)
+            .await?
+            .into_iter()
+            .filter(|id| {
+                !stuck.contains(id)
+                    && !committing
+                        .as_ref()
+                        .is_some_and(|c| c.customers.contains(id))
+            })
+            .take(rt.batch_size)
+            .collect();
+        if ids.is_empty() {
+            if committing.is_none() {
+                break;
+            }
+            stats.add(finish(committing.take(), &mut progress).await?);
+            continue;
+        }
+        let ids = if rt.owner.is_some() {
+            // Customers another process holds are read past, like stuck ones; their
+            // timers stay due for whoever holds them or for a later pass.
+            let held: HashSet<String> = rt.claim(&ids, now).await?.into_iter().collect();
+            stuck.extend(ids.iter().filter(|id| !held.contains(*id)).cloned());
+            let ids: Vec<String> = ids.into_iter().filter(|id| held.contains(id)).collect();
+            if ids.is_empty() {
+                continue;
+            }
+            ids
+        } else {
+            ids
+        };
+        let mut work = rt.load(&ids, now).await?;
+        for id in &ids {
+            let mut cs = work.entry(id, now);
+            rt.on_timers(&mut cs, now);
+            let still_due = cs.loaded.runs.iter().any(|(r, _)| {
+                r.status == RunStatus::Waiting && r.wake_at.is_some_and(|w| w <= now)
+            });
+            if still_due {
+                stuck.insert(id.clone());
+            }
+        }
+        stats.add(finish(committing.take(), &mut progress).await?);
+        committing = Some(rt.spawn_commit(work, ids, now));
+    }
+    stats.add(finish(committing, &mut progress).await?);
+    Ok(stats)
 }
 
 /// Whether a trigger condition, audience or segment holds for a customer; a condition that
