@@ -168,6 +168,15 @@ fn upstream(admin: &str) -> SocketAddr {
         .unwrap()
 }
 
+/// Defect: the daemon's Postgres tests returned early, reported as passed, when no server was
+/// configured. Now a server that cannot be reached fails the test that needs it.
+#[tokio::test]
+#[should_panic(expected = "cannot be reached")]
+async fn a_postgres_daemon_test_without_its_server_fails_rather_than_passing_unrun() {
+    // Port 1 on the loopback: nothing listens there.
+    FreshDb::create("postgres://postgres@127.0.0.1:1/test", "canvas_unreachable").await;
+}
+
 /// While Postgres hangs, every API request answered 503 only after sqlx's 30 s acquire
 /// timeout, and `/readyz` took longer than a probe waits. Now: 503 within the database
 /// timeout, `/readyz` within a second, and all is well again once the database answers.

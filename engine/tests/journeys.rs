@@ -15,7 +15,7 @@ use canvas_engine::state::{Event, InboxItem, ProfileUpdate, RunStatus, Time};
 use canvas_engine::store::{PgStore, SqliteStore, Store};
 use canvas_engine::testing;
 
-const PG_ENV: &str = "CANVAS_TEST_POSTGRES_URL";
+mod common;
 
 fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/journeys")
@@ -125,7 +125,7 @@ impl PgSchemas {
         };
         PgStore::connect_with_schema(&self.url, &schema)
             .await
-            .expect("connect to postgres")
+            .unwrap_or_else(|e| panic!("{}", common::pg_unreachable(&self.url, &e)))
     }
 
     async fn drop_all(&self) {
@@ -142,12 +142,7 @@ impl PgSchemas {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn journeys_on_postgres() {
-    let Ok(url) = std::env::var(PG_ENV) else {
-        eprintln!(
-            "\n!!!!! SKIPPED: {PG_ENV} is not set; the journeys did not run on Postgres !!!!!\n"
-        );
-        return;
-    };
+    let url = common::pg_url();
     let schemas = Arc::new(PgSchemas {
         url,
         names: Default::default(),

@@ -1,9 +1,10 @@
 //! The store contract, one suite for both backends: every test function below runs against a
-//! SQLite file (always) and against Postgres when `CANVAS_TEST_POSTGRES_URL` is set (each
-//! test in its own schema, dropped at the end).
+//! SQLite file and against Postgres (`CANVAS_TEST_POSTGRES_URL`, else the local server at its
+//! standard address; each test in its own schema, dropped at the end). A Postgres test that
+//! cannot reach its server fails: `-- --skip postgres` leaves them out, counted as filtered.
 //!
 //! ```sh
-//! CANVAS_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test cargo test -p canvas-engine --test store
+//! cargo test -p canvas-engine --test store
 //! # commit throughput, 1,000-run batches (release mode):
 //! CANVAS_TEST_POSTGRES_URL=… cargo test --release -p canvas-engine --test store -- --ignored --nocapture
 //! ```
@@ -687,14 +688,23 @@ async fn connect_urls() {
     assert!(!err.to_string().contains("s3cret"), "{err}");
 }
 
+/// Defect: without `CANVAS_TEST_POSTGRES_URL` every Postgres store test returned early and
+/// was reported as passed. Now a server that cannot be reached fails the test.
+#[tokio::test]
+#[should_panic(expected = "cannot be reached")]
+async fn a_postgres_test_without_its_server_fails_rather_than_passing_unrun() {
+    // Port 1 on the loopback: nothing listens there.
+    with_postgres_at(
+        "postgres://postgres@127.0.0.1:1/test",
+        "unreachable",
+        |_| async {},
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn postgres_schema_names_are_checked() {
-    let Ok(url) = std::env::var(PG_ENV) else {
-        eprintln!(
-            "\n!!!!! SKIPPED: {PG_ENV} is not set; postgres_schema_names_are_checked did not run !!!!!\n"
-        );
-        return;
-    };
+    let url = pg_url();
     for bad in ["Public", "a-b", "x; DROP TABLE runs", "", "1abc"] {
         assert!(
             matches!(

@@ -386,7 +386,7 @@ async fn postgres_takeover_waits_for_a_fenced_commit() {
             panic!("a Postgres store")
         };
         let schema = pg.schema().expect("a test schema").to_owned();
-        let url = std::env::var(PG_ENV).expect("the Postgres URL");
+        let url = pg_url();
         commit(&db, &round(&["c1"], &[], None)).await;
         assert_eq!(lease(&db, &["c1"], "d1", t(0), t(5)).await, ids(&["c1"]));
 

@@ -268,9 +268,13 @@ impl FreshDb {
     pub async fn create(base: &str, prefix: &str) -> FreshDb {
         use sqlx::Connection;
         let name = format!("{prefix}_{}", std::process::id());
-        let mut conn = sqlx::PgConnection::connect(base)
-            .await
-            .unwrap_or_else(|e| panic!("Postgres at {base} must be reachable: {e}"));
+        let mut conn = sqlx::PgConnection::connect(base).await.unwrap_or_else(|e| {
+            panic!(
+                "Postgres at {base} cannot be reached: {e}. Start it, point \
+                     CANVAS_TEST_POSTGRES_URL at a server, or leave the Postgres tests out so the \
+                     summary counts them as filtered out: cargo test --workspace -- --skip postgres"
+            )
+        });
         sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
             .execute(&mut conn)
             .await

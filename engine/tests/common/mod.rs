@@ -16,6 +16,27 @@ use serde_json::{Map, json};
 // ---- harness ----------------------------------------------------------------------------------
 
 pub const PG_ENV: &str = "CANVAS_TEST_POSTGRES_URL";
+/// The local server at its standard address: what the tests use when `PG_ENV` is unset.
+pub const PG_DEFAULT: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// The Postgres server the tests use: `CANVAS_TEST_POSTGRES_URL`, else the local server at
+/// its standard address. A Postgres test never passes unrun: when the server cannot be
+/// reached it fails, saying how to point at one or how to leave those tests out visibly.
+pub fn pg_url() -> String {
+    std::env::var(PG_ENV)
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| PG_DEFAULT.to_owned())
+}
+
+/// Why a Postgres test failed to start, and the two ways on.
+pub fn pg_unreachable(url: &str, error: &dyn std::fmt::Display) -> String {
+    format!(
+        "Postgres at {url} cannot be reached: {error}. Start it, point {PG_ENV} at a server, \
+         or leave the Postgres tests out so the summary counts them as filtered out: \
+         cargo test --workspace -- --skip postgres"
+    )
+}
 
 pub async fn with_sqlite<F, Fut>(test: F)
 where
@@ -35,28 +56,30 @@ where
     F: FnOnce(Arc<Database>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let Ok(url) = std::env::var(PG_ENV) else {
-        eprintln!(
-            "\n!!!!! SKIPPED: {PG_ENV} is not set; the Postgres store test `{name}` did not run. \
-             Set it, e.g. {PG_ENV}=postgres://postgres@127.0.0.1:5432/test !!!!!\n"
-        );
-        return;
-    };
+    with_postgres_at(&pg_url(), name, test).await
+}
+
+/// `with_postgres` on the server at `url`.
+pub async fn with_postgres_at<F, Fut>(url: &str, name: &str, test: F)
+where
+    F: FnOnce(Arc<Database>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
         .subsec_nanos();
     let short: String = name.chars().take(24).collect();
     let schema = format!("canvas_test_{short}_{}_{nanos}", std::process::id());
-    let store = PgStore::connect_with_schema(&url, &schema)
+    let store = PgStore::connect_with_schema(url, &schema)
         .await
-        .expect("connect to Postgres");
+        .unwrap_or_else(|e| panic!("{}", pg_unreachable(url, &e)));
     assert_eq!(store.schema(), Some(schema.as_str()));
     let db = Arc::new(Database::Postgres(store.clone()));
     // Run the test on a task so a failing assertion still drops the schema.
     let outcome = tokio::spawn(test(db)).await;
     store.close().await;
-    let admin = sqlx::PgPool::connect(&url)
+    let admin = sqlx::PgPool::connect(url)
         .await
         .expect("connect to Postgres");
     sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
