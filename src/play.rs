@@ -195,27 +195,41 @@ pub fn simulate(
     for id in &scenario.customer_ids {
         let history = rt.block_on(store.history(Some(id)))?;
         let outbox = rt.block_on(store.outbox(Some(id)))?;
-        traces.push((id.clone(), history, outbox));
+        let failures = rt.block_on(store.failures(id))?;
+        traces.push((id.clone(), history, outbox, failures));
     }
     let mut out = std::io::stdout().lock();
     match format {
         Format::Json => {
             let value: Vec<_> = traces
                 .iter()
-                .map(|(id, h, o)| json!({ "customer": id, "history": h, "outbox": o }))
+                .map(|(id, h, o, f)| {
+                    json!({ "customer": id, "history": h, "outbox": o, "failures": f })
+                })
                 .collect();
             writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
         }
         Format::Human | Format::Github => {
-            for (id, history, outbox) in &traces {
+            for (id, history, outbox, failures) in &traces {
                 let offset = scenario
                     .offsets
                     .get(id)
                     .copied()
                     .unwrap_or(scenario.default_offset);
                 writeln!(out, "{id}")?;
-                if history.is_empty() {
-                    writeln!(out, "  (never entered {flow_id})")?;
+                let entered = history.iter().any(|h| h.flow == flow_id);
+                let why: Vec<&str> = failures
+                    .iter()
+                    .filter(|f| f.flow == flow_id)
+                    .map(|f| f.error.as_str())
+                    .collect();
+                if !entered && why.is_empty() {
+                    writeln!(
+                        out,
+                        "  (never entered {flow_id}: its trigger never matched, or its `where` or audience was false)"
+                    )?;
+                } else if !entered {
+                    writeln!(out, "  (never entered {flow_id}: {})", why.join("; "))?;
                 }
                 for h in history {
                     writeln!(
@@ -225,6 +239,18 @@ pub fn simulate(
                         h.step,
                         h.action,
                         describe(h, outbox, offset)
+                    )?;
+                }
+                for f in failures.iter().filter(|f| entered || f.flow != flow_id) {
+                    writeln!(
+                        out,
+                        "  {}  {:<24} {:<9} {} (in {}, {} times)",
+                        testing::show(f.at, offset),
+                        f.step,
+                        "failed",
+                        f.error,
+                        f.flow,
+                        f.count
                     )?;
                 }
             }

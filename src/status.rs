@@ -1,21 +1,29 @@
 //! `canvas status`: where customers are right now, and what the journeys achieved — runs
-//! waiting at each step, conversions per arm, and the lift of a holdout.
+//! waiting at each step, conversions per arm, the lift of a holdout — and what failed at
+//! run time (expressions that could not be evaluated, steps that ended a run with an error).
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use canvas_engine::state::Arm;
+use canvas_engine::state::{Arm, FailureCount};
 use canvas_engine::store::{ArmCount, Database, DatabaseUrl, NodeCount, Store};
 use serde_json::json;
 
 use crate::Format;
 
-/// Per flow: runs waiting per step, and the goal figures per arm.
+/// Per flow: runs waiting per step, the goal figures per arm, and the run-time failures.
 #[derive(Debug, Default)]
 pub struct Report {
-    flows: BTreeMap<String, (Vec<NodeCount>, Vec<ArmCount>)>,
+    flows: BTreeMap<String, FlowReport>,
+}
+
+#[derive(Debug, Default)]
+struct FlowReport {
+    waiting: Vec<NodeCount>,
+    arms: Vec<ArmCount>,
+    failures: Vec<FailureCount>,
 }
 
 impl Report {
@@ -25,13 +33,26 @@ impl Report {
     ) -> canvas_engine::store::Result<Report> {
         let mut report = Report::default();
         for n in store.node_counts(flow).await? {
-            report.flows.entry(n.flow.clone()).or_default().0.push(n);
+            report
+                .flows
+                .entry(n.flow.clone())
+                .or_default()
+                .waiting
+                .push(n);
         }
         for a in store.goal_report(flow).await? {
-            report.flows.entry(a.flow.clone()).or_default().1.push(a);
+            report.flows.entry(a.flow.clone()).or_default().arms.push(a);
         }
-        for (_, arms) in report.flows.values_mut() {
-            arms.sort_by_key(|a| a.arm == Arm::Control);
+        for f in store.failure_counts(flow).await? {
+            report
+                .flows
+                .entry(f.flow.clone())
+                .or_default()
+                .failures
+                .push(f);
+        }
+        for r in report.flows.values_mut() {
+            r.arms.sort_by_key(|a| a.arm == Arm::Control);
         }
         Ok(report)
     }
@@ -51,9 +72,17 @@ impl Report {
         if self.flows.is_empty() {
             return writeln!(out, "no runs yet");
         }
-        for (flow, (nodes, arms)) in &self.flows {
+        for (
+            flow,
+            FlowReport {
+                waiting,
+                arms,
+                failures,
+            },
+        ) in &self.flows
+        {
             writeln!(out, "{flow}")?;
-            let waiting: Vec<String> = nodes
+            let waiting: Vec<String> = waiting
                 .iter()
                 .map(|n| format!("{} {}", n.step, n.waiting))
                 .collect();
@@ -82,6 +111,18 @@ impl Report {
             if let Some(lift) = Report::lift(arms) {
                 writeln!(out, "  lift     {lift:+.1} points (treated − control)")?;
             }
+            for f in failures {
+                writeln!(
+                    out,
+                    "  failed   {} {} for {}; last {} for {}: {}",
+                    f.step,
+                    plural(f.count, "time"),
+                    plural(f.customers, "customer"),
+                    f.last_at.format("%Y-%m-%d %H:%M:%S UTC"),
+                    f.last_customer,
+                    f.last_error
+                )?;
+            }
         }
         Ok(())
     }
@@ -90,13 +131,30 @@ impl Report {
         let flows: Vec<_> = self
             .flows
             .iter()
-            .map(|(flow, (nodes, arms))| {
-                let waiting: serde_json::Map<String, serde_json::Value> =
-                    nodes.iter().map(|n| (n.step.clone(), json!(n.waiting))).collect();
-                json!({ "flow": flow, "waiting": waiting, "arms": arms, "lift_points": Report::lift(arms) })
+            .map(|(flow, r)| {
+                let waiting: serde_json::Map<String, serde_json::Value> = r
+                    .waiting
+                    .iter()
+                    .map(|n| (n.step.clone(), json!(n.waiting)))
+                    .collect();
+                json!({
+                    "flow": flow,
+                    "waiting": waiting,
+                    "arms": r.arms,
+                    "lift_points": Report::lift(&r.arms),
+                    "failures": r.failures,
+                })
             })
             .collect();
         json!({ "flows": flows })
+    }
+}
+
+fn plural(n: u64, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
     }
 }
 

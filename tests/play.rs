@@ -305,3 +305,49 @@ fn validate_checks_the_daemon_sections_of_canvas_yaml() {
     let out = canvas(&["validate", &tmp.path().to_string_lossy()]);
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
 }
+
+/// Defect: a customer whose trigger `where` could not be evaluated showed only "(never
+/// entered vip)". `canvas simulate` now says why.
+#[test]
+fn simulate_says_why_a_customer_never_entered() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("vip.yaml"),
+        "flow: vip\nname: VIP\ntimezone: UTC\ntrigger:\n  event: order_paid\n  where: customer.orders_count > 3\nsteps:\n  - { id: done, exit: vip }\n",
+    )
+    .unwrap();
+    let timeline = tmp.path().join("vip.test.yaml");
+    std::fs::write(
+        &timeline,
+        "flow: vip\nstart: 2026-03-02T10:00:00Z\nrun_until: 2026-03-03T00:00:00Z\ncustomers:\n  - { id: c1, attributes: { first_name: Ann } }\n  - { id: c2, attributes: { orders_count: 1 } }\nevents:\n  - { at: 2026-03-02T11:00Z, customer: c1, name: order_paid }\n  - { at: 2026-03-02T11:00Z, customer: c2, name: order_paid }\nexpect: []\n",
+    )
+    .unwrap();
+    let dir = tmp.path().to_str().unwrap();
+    let out = canvas(&[
+        "simulate",
+        "vip",
+        "--flows",
+        dir,
+        "--timeline",
+        timeline.to_str().unwrap(),
+    ]);
+    let text = stdout(&out);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("c1\n  (never entered vip: trigger `where` failed: cannot evaluate `customer.orders_count > 3`")
+            && text.contains("orders_count"),
+        "{text}"
+    );
+    assert!(
+        text.contains("c2\n  (never entered vip: its trigger never matched, or its `where`"),
+        "{text}"
+    );
+    assert!(
+        text.contains("failed   trigger 1 time for 1 customer"),
+        "{text}"
+    );
+}

@@ -389,3 +389,74 @@ async fn hot_reload_publishes_valid_changes_and_keeps_runs_on_their_version() {
     assert_eq!(j["journeys"][1]["version"], json!(v2));
     assert!(d.terminate().success());
 }
+
+/// Defect: a trigger `where` that read a missing attribute (`customer.orders_count` without
+/// `has()`) failed at `debug` only: nobody entered, and neither the API, the metrics, the
+/// log nor `canvas status` said why. Now every failure is counted per flow step and logged
+/// at `warn` with the customer id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_where_is_counted_in_the_api_metrics_status_and_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let flows = dir.path().join("flows");
+    common::write_flows(&flows, common::SINK_SMS);
+    std::fs::write(
+        flows.join("vip.yaml"),
+        "flow: vip\nname: VIP\ntimezone: UTC\ntrigger:\n  event: order_paid\n  where: customer.orders_count > 3\nsteps:\n  - { id: done, exit: vip }\n",
+    )
+    .unwrap();
+    let db = format!("sqlite://{}", dir.path().join("canvas.db").display());
+    let d = Daemon::spawn(flows, &db, &[], None);
+    let b = d.base.clone();
+    let paid = |id: &str| json!({"events":[{"id":id,"customer_id":"c1","name":"order_paid"}]});
+    for id in ["p1", "p2"] {
+        let (s, body) = call(
+            reqwest::Method::POST,
+            &format!("{b}/v1/events"),
+            Some(WRITE),
+            Some(paid(id)),
+        )
+        .await;
+        assert_eq!(s, 200, "{body}");
+    }
+    let flow = until(&format!("{b}/v1/flows/vip"), |f| {
+        f["failures"][0]["count"] == json!(2)
+    })
+    .await;
+    let f = &flow["failures"][0];
+    assert_eq!(f["step"], json!("trigger"), "{flow}");
+    assert_eq!(f["last_customer"], json!("c1"), "{flow}");
+    assert!(
+        f["last_error"].as_str().unwrap().contains("orders_count"),
+        "{flow}"
+    );
+    let line = d.wait_log("orders_count");
+    assert!(
+        line.contains("WARN") && line.contains("customer=c1") && line.contains("flow=vip"),
+        "{line}"
+    );
+    let metrics = client()
+        .get(format!("{b}/metrics"))
+        .bearer_auth(READ)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("canvas_run_failures{flow=\"vip\",step=\"trigger\"} 2"),
+        "{metrics}"
+    );
+    assert!(d.terminate().success());
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_canvas"))
+        .args(["status", "--flow", "vip", "--database", &db])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("failed   trigger 2 times for 1 customer;") && text.contains("orders_count"),
+        "{text}"
+    );
+}

@@ -16,7 +16,7 @@ use crate::model::{Priority, Weekday};
 use crate::policy::{Decision, Policy, SentMark};
 use crate::registry::{PluginCx, Registry};
 use crate::state::{
-    Arm, Conversion, Customer, Enrolment, Event, HistoryEntry, OutboxKind, OutboxRow, Run,
+    Arm, Conversion, Customer, Enrolment, Event, Failure, HistoryEntry, OutboxKind, OutboxRow, Run,
     RunStatus, Time,
 };
 
@@ -57,6 +57,9 @@ pub struct Transition {
     pub conversion: Option<Conversion>,
     /// Whether the customer record changed (profile update, cap mark, cooldown).
     pub customer_changed: bool,
+    /// What failed (an `error` history row, a goal condition or exit rule that could not be
+    /// evaluated): counted per flow and step, so nothing fails unseen.
+    pub failures: Vec<Failure>,
 }
 
 impl Transition {
@@ -270,7 +273,7 @@ impl Exec<'_, '_> {
                 Ok(true) => {}
                 Ok(false) => return,
                 Err(e) => {
-                    tracing::warn!(run = %self.run.id, "goal condition failed: {e}");
+                    self.fail("goal", format!("goal `when` failed: {e}"));
                     return;
                 }
             }
@@ -304,7 +307,10 @@ impl Exec<'_, '_> {
                 }
                 let holds = match condition {
                     None => true,
-                    Some(c) => self.eval_bool(c, Some(event)).unwrap_or(false),
+                    Some(c) => self.eval_bool(c, Some(event)).unwrap_or_else(|e| {
+                        self.fail("exit", format!("exit `when` failed: {e}"));
+                        false
+                    }),
                 };
                 if holds {
                     let step = self.run.step.clone().unwrap_or_default();
@@ -325,7 +331,10 @@ impl Exec<'_, '_> {
         let flow = self.cx.flow;
         for rule in &flow.exits {
             if let ExitRule::When(cond) = rule
-                && self.eval_bool(cond, None).unwrap_or(false)
+                && self.eval_bool(cond, None).unwrap_or_else(|e| {
+                    self.fail("exit", format!("exit `when` failed: {e}"));
+                    false
+                })
             {
                 let step = self.run.step.clone().unwrap_or_default();
                 self.record(
@@ -905,7 +914,27 @@ impl Exec<'_, '_> {
         self.run.updated_at = self.cx.now;
     }
 
+    /// Count a failure at `step` (a step id or a flow-level part) for this customer.
+    fn fail(&mut self, step: &str, error: String) {
+        self.out.failures.push(Failure {
+            flow: self.run.flow.clone(),
+            step: step.to_owned(),
+            customer_id: self.run.customer_id.clone(),
+            count: 1,
+            error,
+            at: self.cx.now,
+        });
+    }
+
     fn record(&mut self, action: &str, step: String, detail: Json) {
+        if action == "error" {
+            let error = detail
+                .get("error")
+                .and_then(Json::as_str)
+                .unwrap_or("failed")
+                .to_owned();
+            self.fail(&step, error);
+        }
         self.run.seq += 1;
         self.run.updated_at = self.cx.now;
         self.out.history.push(HistoryEntry {

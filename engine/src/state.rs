@@ -297,6 +297,39 @@ pub struct Conversion {
     pub at: Time,
 }
 
+/// Something that failed at run time where the flow could not say so in a run's history
+/// alone: an expression that could not be evaluated (a missing attribute read without
+/// `has()`, a type error) in a trigger's `where`, an audience, a segment, a goal condition
+/// or an exit rule, or a step that ended a run with an error. Kept per flow, step and
+/// customer, with how many times it happened; `step` is the step id, or `trigger`,
+/// `audience`, `segment`, `goal`, `exit` for the flow-level parts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    pub flow: String,
+    pub step: String,
+    pub customer_id: String,
+    pub count: u64,
+    /// The last error, in words.
+    pub error: String,
+    /// When it last happened.
+    pub at: Time,
+}
+
+/// The failures of one flow step, over every customer (`Store::failure_counts`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailureCount {
+    pub flow: String,
+    pub step: String,
+    /// Times it failed.
+    pub count: u64,
+    /// Customers it failed for.
+    pub customers: u64,
+    /// The most recent failure: its error, customer and time.
+    pub last_error: String,
+    pub last_customer: String,
+    pub last_at: Time,
+}
+
 /// A compiled flow version, recorded when first seen so runs can name the version they
 /// are pinned to.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -321,6 +354,8 @@ pub struct Batch {
     /// Inserted; a row whose key exists already is ignored (idempotent replay).
     pub outbox: Vec<OutboxRow>,
     pub conversions: Vec<Conversion>,
+    /// Run-time failures of this round, one per flow, step and customer (counts added).
+    pub failures: Vec<Failure>,
     /// Inbox items now applied (by sequence number from `Store::inbox_pending`).
     pub inbox_done: Vec<i64>,
     /// The customer leases the round ran under, when several daemons share the database:
@@ -354,6 +389,7 @@ impl Batch {
             && self.history.is_empty()
             && self.outbox.is_empty()
             && self.conversions.is_empty()
+            && self.failures.is_empty()
             && self.inbox_done.is_empty()
     }
 }

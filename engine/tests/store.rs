@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use canvas_engine::state::{
-    Arm, Batch, CallResult, Customer, Enrolment, Event, FlowVersion, InboxItem, OutboxKind,
-    ProfileUpdate, Run, SentMark,
+    Arm, Batch, CallResult, Customer, Enrolment, Event, Failure, FlowVersion, InboxItem,
+    OutboxKind, ProfileUpdate, Run, SentMark,
 };
 use canvas_engine::store::raw::raw_ceiling;
 use canvas_engine::store::{Counts, Database, NodeCount, PgStore, SqliteStore, Store, StoreError};
@@ -179,6 +179,14 @@ async fn commit_and_load_roundtrip_every_record(db: Arc<Database>) {
             created_at: t(-20),
         },
     ];
+    let failure = Failure {
+        flow: "care".into(),
+        step: "trigger".into(),
+        customer_id: "c1".into(),
+        count: 2,
+        error: "trigger `where` failed: there is no `x` — \"quoted\" 😀".into(),
+        at: t(3),
+    };
     db.put_flow_versions(&versions).await.expect("put versions");
     db.put_flow_versions(&versions)
         .await
@@ -192,12 +200,18 @@ async fn commit_and_load_roundtrip_every_record(db: Arc<Database>) {
             history: h.clone(),
             outbox: o.clone(),
             conversions: vec![conv.clone()],
+            failures: vec![failure.clone()],
             inbox_done: vec![],
             at: t(0),
             lease: None,
         },
     )
     .await;
+    assert_eq!(
+        db.failures("c1").await.expect("failures"),
+        vec![failure.clone()],
+        "a failure comes back as written"
+    );
 
     let states = db
         .load(&["c2".into(), "nobody".into(), "c1".into()], t(100))
@@ -322,6 +336,7 @@ async fn replayed_commit_adds_no_duplicates(db: Arc<Database>) {
         history: vec![history(&r, 1, "welcome"), history(&r, 2, "wait")],
         outbox: vec![outbox(&r, "welcome")],
         conversions: vec![conversion(&r)],
+        failures: vec![],
         inbox_done: vec![],
         at: t(0),
         lease: None,

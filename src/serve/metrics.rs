@@ -34,6 +34,13 @@ pub struct PhaseLabel {
     pub phase: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    pub flow: String,
+    /// A step id, or `trigger`, `audience`, `segment`, `goal`, `exit`.
+    pub step: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub events_in: Family<SourceLabel, Counter>,
@@ -47,6 +54,7 @@ pub struct Metrics {
     pub timer_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub outbox_depth: Family<StatusLabel, Gauge>,
     pub outbox_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub failures: Family<FailureLabels, Gauge>,
 }
 
 impl Metrics {
@@ -116,6 +124,14 @@ impl Metrics {
             "How long the oldest due outbox row has been waiting (0 when none is due)",
             outbox_lag_seconds.clone(),
         );
+        let failures = Family::<FailureLabels, Gauge>::default();
+        registry.register(
+            "run_failures",
+            "Run-time failures recorded in the database per flow step, by every daemon: \
+             expressions that could not be evaluated (nobody entered, a rule did not apply) \
+             and steps that ended a run with an error. Only grows",
+            failures.clone(),
+        );
         Metrics {
             registry,
             events_in,
@@ -129,6 +145,7 @@ impl Metrics {
             timer_lag_seconds,
             outbox_depth,
             outbox_lag_seconds,
+            failures,
         }
     }
 

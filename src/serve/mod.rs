@@ -109,6 +109,7 @@ fn successor(
     let mut next = Runtime::new(engine.store.clone(), flows, policy, engine.registry.clone());
     next.batch_size = engine.batch_size;
     next.paused = engine.paused.clone();
+    next.failure_log = engine.failure_log.clone();
     next.owner = engine.owner.clone();
     next.lease = engine.lease;
     next

@@ -21,8 +21,11 @@ use crate::state::{
 };
 use crate::store::{Result, Store};
 
+mod failure_log;
 mod flows;
 mod work;
+
+pub use failure_log::FailureLog;
 
 pub use flows::{FlowSet, Published, VersionSource, version_record};
 use work::{Committing, Loaded, Slot, Work, absorb, finish, seal};
@@ -154,6 +157,8 @@ pub struct Runtime<S> {
     /// How long a round's customer leases last; a process that dies holding them blocks
     /// those customers this long.
     pub lease: chrono::Duration,
+    /// Where run-time failures are logged, rate-limited (shared across hot reloads).
+    pub failure_log: FailureLog,
 }
 
 impl<S: Store> Runtime<S> {
@@ -167,6 +172,7 @@ impl<S: Store> Runtime<S> {
             paused: Paused::default(),
             owner: None,
             lease: chrono::Duration::seconds(30),
+            failure_log: FailureLog::default(),
         }
     }
 
@@ -350,9 +356,15 @@ impl<S: Store> Runtime<S> {
                         Trigger::Schedule { audience, .. } => {
                             let member = match audience {
                                 None => true,
-                                Some(a) => {
-                                    holds(&self.policy, flow, &cs.loaded.customer, a, None, now)
-                                }
+                                Some(a) => holds(
+                                    &self.policy,
+                                    flow,
+                                    &cs.loaded.customer,
+                                    (a, "audience"),
+                                    None,
+                                    now,
+                                    cs.batch,
+                                ),
                             };
                             if member {
                                 self.start(&mut cs, flow, None, now);
@@ -424,6 +436,7 @@ impl<S: Store> Runtime<S> {
     /// Write a round in one transaction.
     async fn commit(&self, work: Work, customers: &[String], now: Time) -> Result<Stats> {
         let (mut batch, stats) = seal(work, now);
+        self.failure_log.note(&batch.failures, now);
         if let Some(owner) = &self.owner {
             batch.lease = Some(Lease {
                 owner: owner.clone(),
@@ -443,6 +456,7 @@ impl<S: Store> Runtime<S> {
     /// Start committing a round in the background; the next round is prepared meanwhile.
     fn spawn_commit(&self, work: Work, customers: Vec<String>, now: Time) -> Committing {
         let (mut batch, stats) = seal(work, now);
+        self.failure_log.note(&batch.failures, now);
         let store = self.store.clone();
         let owner = self.owner.clone();
         if let Some(owner) = &owner {
@@ -524,7 +538,15 @@ impl<S: Store> Runtime<S> {
             if let Trigger::Event {
                 condition: Some(c), ..
             } = &flow.trigger
-                && !holds(&self.policy, flow, &cs.loaded.customer, c, Some(event), now)
+                && !holds(
+                    &self.policy,
+                    flow,
+                    &cs.loaded.customer,
+                    (c, "trigger"),
+                    Some(event),
+                    now,
+                    cs.batch,
+                )
             {
                 continue;
             }
@@ -614,9 +636,10 @@ impl<S: Store> Runtime<S> {
             &self.policy,
             flow,
             &cs.loaded.customer,
-            condition,
+            (condition, "segment"),
             None,
             now,
+            cs.batch,
         );
         let was = cs
             .loaded
@@ -803,15 +826,19 @@ pub async fn fire_due_from<S: Store, R: std::ops::Deref<Target = Runtime<S>>>(
     Ok(stats)
 }
 
-/// Whether a trigger condition, audience or segment holds for a customer; a condition that
-/// cannot be evaluated for this customer (a missing attribute) does not hold.
+/// Whether a trigger condition, audience or segment (`part`) holds for a customer. One that
+/// cannot be evaluated for this customer (a missing attribute read without `has()`) does not
+/// hold, and is counted as a failure of that part of the flow, so the operator sees why
+/// nobody entered.
+#[allow(clippy::too_many_arguments)]
 fn holds(
     policy: &Policy,
     flow: &CompiledFlow,
     customer: &Customer,
-    expr: &crate::expr::Expr,
+    (expr, part): (&crate::expr::Expr, &str),
     event: Option<&Event>,
     now: Time,
+    batch: &mut crate::state::Batch,
 ) -> bool {
     let profile = customer.profile();
     let event = event.map(Event::to_json);
@@ -826,7 +853,19 @@ fn holds(
     match eval::eval_bool(expr, &scope) {
         Ok(b) => b,
         Err(e) => {
-            tracing::debug!(flow = %flow.id, customer = %customer.id, "condition is not true: {e}");
+            let what = if part == "trigger" {
+                "trigger `where`"
+            } else {
+                part
+            };
+            batch.failures.push(crate::state::Failure {
+                flow: flow.id.clone(),
+                step: part.to_owned(),
+                customer_id: customer.id.clone(),
+                count: 1,
+                error: format!("{what} failed: {e}"),
+                at: now,
+            });
             false
         }
     }

@@ -4,7 +4,9 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::executor::Transition;
-use crate::state::{Batch, Customer, CustomerState, Enrolment, OutboxKind, Run, RunStatus, Time};
+use crate::state::{
+    Batch, Customer, CustomerState, Enrolment, Failure, OutboxKind, Run, RunStatus, Time,
+};
 use crate::store::Result;
 
 use super::Stats;
@@ -27,6 +29,7 @@ pub(super) fn seal(mut work: Work, now: Time) -> (Batch, Stats) {
         }
     }
     work.batch.at = now;
+    work.batch.failures = merge_failures(std::mem::take(&mut work.batch.failures));
     let mut stats = work.stats;
     stats.transitions = work.batch.history.len() as u64;
     stats.outbox = work.batch.outbox.len() as u64;
@@ -41,6 +44,34 @@ pub(super) fn seal(mut work: Work, now: Time) -> (Batch, Stats) {
         stats.commits = 1;
     }
     (work.batch, stats)
+}
+
+/// One failure per flow, step and customer, counts added, the last error kept: the store
+/// upserts them in one statement, which may touch a row once.
+fn merge_failures(failures: Vec<Failure>) -> Vec<Failure> {
+    if failures.len() < 2 {
+        return failures;
+    }
+    let mut merged: HashMap<(String, String, String), Failure> = HashMap::new();
+    let mut order = Vec::new();
+    for f in failures {
+        let key = (f.flow.clone(), f.step.clone(), f.customer_id.clone());
+        match merged.get_mut(&key) {
+            Some(m) => {
+                m.count += f.count;
+                m.error = f.error;
+                m.at = f.at;
+            }
+            None => {
+                order.push(key.clone());
+                merged.insert(key, f);
+            }
+        }
+    }
+    order
+        .into_iter()
+        .filter_map(|k| merged.remove(&k))
+        .collect()
 }
 
 /// A round being committed in the background.
@@ -175,7 +206,7 @@ pub(super) struct Slot<'a> {
 }
 
 pub(super) fn absorb(
-    tr: Transition,
+    mut tr: Transition,
     dirty: &mut bool,
     customer_dirty: &mut bool,
     batch: &mut Batch,
@@ -183,6 +214,7 @@ pub(super) fn absorb(
     if tr.customer_changed {
         *customer_dirty = true;
     }
+    batch.failures.append(&mut tr.failures);
     if tr.is_empty() {
         return;
     }

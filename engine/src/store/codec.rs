@@ -12,9 +12,9 @@ use serde::de::DeserializeOwned;
 
 use super::{NodeCount, Result, StoreError};
 use crate::state::{
-    Arm, Conversion, Customer, Delivery, DeliveryState, DeliveryStatus, Enrolment, Event,
-    FlowCounts, FlowVersion, HistoryEntry, InboxItem, Lease, OutboxDepth, OutboxKind, OutboxRow,
-    Run, RunStatus, Time,
+    Arm, Conversion, Customer, Delivery, DeliveryState, DeliveryStatus, Enrolment, Event, Failure,
+    FailureCount, FlowCounts, FlowVersion, HistoryEntry, InboxItem, Lease, OutboxDepth, OutboxKind,
+    OutboxRow, Run, RunStatus, Time,
 };
 
 /// Milliseconds since the Unix epoch: how every time is stored. Sub-millisecond precision is
@@ -98,6 +98,8 @@ pub(crate) struct Rows<'a> {
     pub outbox: Vec<&'a OutboxRow>,
     pub conversions: Vec<&'a Conversion>,
     pub runs: Vec<&'a Run>,
+    /// Run-time failures, upserted (counts added); one per flow, step and customer.
+    pub failures: Vec<&'a Failure>,
 }
 
 impl<'a> Rows<'a> {
@@ -117,6 +119,12 @@ impl<'a> Rows<'a> {
         conversions.sort_by(|a, b| a.customer_id.cmp(&b.customer_id));
         let mut runs = last_wins(&batch.runs, |r| r.id.as_str());
         runs.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        let mut failures = last_wins(&batch.failures, |f| {
+            (f.flow.as_str(), f.step.as_str(), f.customer_id.as_str())
+        });
+        failures.sort_unstable_by(|a, b| {
+            (&a.flow, &a.step, &a.customer_id).cmp(&(&b.flow, &b.step, &b.customer_id))
+        });
         Rows {
             customers,
             enrolments,
@@ -124,6 +132,7 @@ impl<'a> Rows<'a> {
             outbox,
             conversions,
             runs,
+            failures,
         }
     }
 }
@@ -592,6 +601,56 @@ impl NodeCountRow {
             step: self.step,
             waiting: u64::try_from(self.waiting).unwrap_or(0),
         }
+    }
+}
+
+/// `failures` as stored (`Store::failures`).
+#[derive(sqlx::FromRow)]
+pub(crate) struct FailureRow {
+    pub flow: String,
+    pub step: String,
+    pub customer_id: String,
+    pub count: i64,
+    pub error: String,
+    pub at: i64,
+}
+
+impl FailureRow {
+    pub fn into_failure(self) -> Result<Failure> {
+        Ok(Failure {
+            flow: self.flow,
+            step: self.step,
+            customer_id: self.customer_id,
+            count: u64::try_from(self.count).unwrap_or(0),
+            error: self.error,
+            at: time("failures", self.at)?,
+        })
+    }
+}
+
+/// `failures` summed per flow step, with the most recent row (`Store::failure_counts`).
+#[derive(sqlx::FromRow)]
+pub(crate) struct FailureCountRow {
+    pub flow: String,
+    pub step: String,
+    pub total: i64,
+    pub customers: i64,
+    pub customer_id: String,
+    pub error: String,
+    pub at: i64,
+}
+
+impl FailureCountRow {
+    pub fn into_count(self) -> Result<FailureCount> {
+        Ok(FailureCount {
+            flow: self.flow,
+            step: self.step,
+            count: u64::try_from(self.total).unwrap_or(0),
+            customers: u64::try_from(self.customers).unwrap_or(0),
+            last_error: self.error,
+            last_customer: self.customer_id,
+            last_at: time("failures", self.at)?,
+        })
     }
 }
 

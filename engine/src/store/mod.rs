@@ -6,8 +6,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::state::{
-    Batch, Conversion, CustomerState, Delivery, DeliveryOutcome, DeliveryState, FlowCounts,
-    FlowVersion, HistoryEntry, InboxItem, OutboxDepth, OutboxRow, Run, Time,
+    Batch, Conversion, CustomerState, Delivery, DeliveryOutcome, DeliveryState, Failure,
+    FailureCount, FlowCounts, FlowVersion, HistoryEntry, InboxItem, OutboxDepth, OutboxRow, Run,
+    Time,
 };
 
 mod codec;
@@ -163,6 +164,16 @@ pub trait Store: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<Conversion>>> + Send;
 
     /// Runs waiting at each step.
+    /// Run-time failures summed per flow step, each with its most recent error; all flows
+    /// when `flow` is `None`.
+    fn failure_counts(
+        &self,
+        flow: Option<&str>,
+    ) -> impl Future<Output = Result<Vec<FailureCount>>> + Send;
+
+    /// One customer's run-time failures, most recent first.
+    fn failures(&self, customer_id: &str) -> impl Future<Output = Result<Vec<Failure>>> + Send;
+
     fn node_counts(
         &self,
         flow: Option<&str>,
@@ -493,6 +504,14 @@ impl Store for Database {
 
     async fn conversions(&self, flow: Option<&str>) -> Result<Vec<Conversion>> {
         delegate!(self, s => s.conversions(flow))
+    }
+
+    async fn failure_counts(&self, flow: Option<&str>) -> Result<Vec<FailureCount>> {
+        delegate!(self, s => s.failure_counts(flow))
+    }
+
+    async fn failures(&self, customer_id: &str) -> Result<Vec<Failure>> {
+        delegate!(self, s => s.failures(customer_id))
     }
 
     async fn node_counts(&self, flow: Option<&str>) -> Result<Vec<NodeCount>> {

@@ -23,7 +23,7 @@ use serde_json::{Map, Value as Json, json};
 
 use super::App;
 use super::config::Scope;
-use super::metrics::{Metrics, StatusLabel};
+use super::metrics::{FailureLabels, Metrics, StatusLabel};
 use request::{ApiError, ApiResult, authorize, parse};
 use segment::{segment_batch, segment_identify, segment_track};
 
@@ -120,6 +120,14 @@ async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiResult {
             .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
     m.outbox_lag_seconds.set(lag(depth.oldest_due, now));
+    for f in app.db.failure_counts(None).await? {
+        m.failures
+            .get_or_create(&FailureLabels {
+                flow: f.flow,
+                step: f.step,
+            })
+            .set(i64::try_from(f.count).unwrap_or(i64::MAX));
+    }
     let earliest = app.db.next_wake(Time::MIN_UTC).await?;
     m.timer_lag_seconds.set(lag(earliest, now));
     let text = m.encode().map_err(|_| {
@@ -444,6 +452,7 @@ async fn get_flow(
     let waiting = app.db.node_counts(Some(&id)).await?;
     let counts = app.db.flow_counts(Some(&id)).await?;
     let arms = app.db.goal_report(Some(&id)).await?;
+    let failures = app.db.failure_counts(Some(&id)).await?;
     let steps: Vec<Json> = flow
         .steps()
         .map(|(_, s)| {
@@ -451,7 +460,11 @@ async fn get_flow(
                 .iter()
                 .find(|w| w.step == s.id)
                 .map_or(0, |w| w.waiting);
-            json!({ "step": s.id, "waiting": n })
+            let failed = failures
+                .iter()
+                .find(|f| f.step == s.id)
+                .map_or(0, |f| f.count);
+            json!({ "step": s.id, "waiting": n, "failed": failed })
         })
         .collect();
     let arms: Vec<Json> = arms
@@ -471,6 +484,7 @@ async fn get_flow(
         "steps": steps,
         "counts": counts.first(),
         "arms": arms,
+        "failures": failures,
     }))
     .into_response())
 }

@@ -19,13 +19,14 @@ use sqlx::{ConnectOptions, Connection, PgPool, Postgres};
 
 use super::codec::{
     self, ClaimedRow, ConversionRow, CountsRow, CustomerRow, DeliveryStateRow, EnrolmentRow,
-    FlowCountsRow, FlowVersionRow, HistoryRow, InboxRow, NodeCountRow, OutboxDbRow, OutboxDepthRow,
-    RunRow, Settle, arm_str, ms, opt_ms, to_json,
+    FailureCountRow, FailureRow, FlowCountsRow, FlowVersionRow, HistoryRow, InboxRow, NodeCountRow,
+    OutboxDbRow, OutboxDepthRow, RunRow, Settle, arm_str, ms, opt_ms, to_json,
 };
 use super::{Counts, DEFAULT_TIMEOUT, NodeCount, Result, Store, StoreError, Takeover};
 use crate::state::{
     Batch, Conversion, Customer, CustomerState, Delivery, DeliveryOutcome, DeliveryState,
-    Enrolment, FlowCounts, FlowVersion, HistoryEntry, InboxItem, OutboxDepth, OutboxRow, Run, Time,
+    Enrolment, Failure, FailureCount, FlowCounts, FlowVersion, HistoryEntry, InboxItem,
+    OutboxDepth, OutboxRow, Run, Time,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -241,6 +242,16 @@ fn insert_conversions(n: &mut usize) -> String {
     )
 }
 
+fn upsert_failures(n: &mut usize) -> String {
+    format!(
+        "INSERT INTO failures (flow, step, customer_id, count, error, at)
+         SELECT * FROM UNNEST({})
+         ON CONFLICT (flow, step, customer_id) DO UPDATE SET
+             count = failures.count + EXCLUDED.count, error = EXCLUDED.error, at = EXCLUDED.at",
+        arrays(n, &["text", "text", "text", "int8", "text", "int8"])
+    )
+}
+
 pub(crate) fn upsert_runs(n: &mut usize) -> String {
     format!(
         "INSERT INTO runs (id, flow, version, customer_id, status, step, wake_at, waiting_for,
@@ -281,6 +292,7 @@ fn commit_sql() -> &'static str {
         let outbox = insert_outbox(&mut n);
         let conversions = insert_conversions(&mut n);
         let runs = upsert_runs(&mut n);
+        let failures = upsert_failures(&mut n);
         let (done, applied) = (n, n + 1);
         format!(
             "WITH customers_ AS ({customers}),
@@ -289,6 +301,7 @@ fn commit_sql() -> &'static str {
              outbox_ AS ({outbox}),
              conversions_ AS ({conversions}),
              runs_ AS ({runs}),
+             failures_ AS ({failures}),
              inbox_ AS (UPDATE inbox SET applied_at = ${applied}
                         WHERE seq = ANY(${done}::int8[]) AND applied_at IS NULL)
              SELECT 1"
@@ -428,6 +441,26 @@ pub(crate) fn bind_outbox<'a>(q: Q<'a>, rows: &[&'a OutboxRow]) -> Result<Q<'a>>
         .bind(p)
         .bind(tr)
         .bind(ca))
+}
+
+fn bind_failures<'a>(q: Q<'a>, rows: &[&'a Failure]) -> Q<'a> {
+    let n = rows.len();
+    let (mut f, mut s, mut c, mut k) = (
+        cols::<&str>(n),
+        cols::<&str>(n),
+        cols::<&str>(n),
+        cols::<i64>(n),
+    );
+    let (mut e, mut t) = (cols::<&str>(n), cols::<i64>(n));
+    for r in rows {
+        f.push(r.flow.as_str());
+        s.push(r.step.as_str());
+        c.push(r.customer_id.as_str());
+        k.push(i64::try_from(r.count).unwrap_or(i64::MAX));
+        e.push(r.error.as_str());
+        t.push(ms(r.at));
+    }
+    q.bind(f).bind(s).bind(c).bind(k).bind(e).bind(t)
 }
 
 fn bind_conversions<'a>(q: Q<'a>, rows: &[&'a Conversion]) -> Q<'a> {
@@ -715,6 +748,7 @@ impl Store for PgStore {
         let q = bind_outbox(q, &rows.outbox)?;
         let q = bind_conversions(q, &rows.conversions);
         let q = bind_runs(q, &rows.runs)?;
+        let q = bind_failures(q, &rows.failures);
         let q = q.bind(batch.inbox_done.as_slice()).bind(ms(batch.at));
         let Some(lease) = &batch.lease else {
             q.execute(&self.pool).await?;
@@ -749,6 +783,14 @@ impl Store for PgStore {
 
     async fn runs(&self, customer_id: &str) -> Result<Vec<Run>> {
         reads::runs(self, customer_id).await
+    }
+
+    async fn failure_counts(&self, flow: Option<&str>) -> Result<Vec<FailureCount>> {
+        reads::failure_counts(self, flow).await
+    }
+
+    async fn failures(&self, customer_id: &str) -> Result<Vec<Failure>> {
+        reads::failures(self, customer_id).await
     }
 
     async fn conversions(&self, flow: Option<&str>) -> Result<Vec<Conversion>> {

@@ -94,6 +94,34 @@ pub(super) async fn conversions(s: &PgStore, flow: Option<&str>) -> Result<Vec<C
         .collect()
 }
 
+/// Summed per flow step with window functions, the most recent row of each step alongside.
+const FAILURE_COUNTS: &str = "SELECT flow, step, total, customers, customer_id, error, at FROM (
+    SELECT flow, step, customer_id, error, at,
+           (SUM(count) OVER w)::int8 AS total, COUNT(*) OVER w AS customers,
+           ROW_NUMBER() OVER (PARTITION BY flow, step ORDER BY at DESC, customer_id) AS rn
+    FROM failures WHERE $1::text IS NULL OR flow = $1
+    WINDOW w AS (PARTITION BY flow, step)
+) AS t WHERE rn = 1 ORDER BY flow, step";
+
+pub(super) async fn failure_counts(s: &PgStore, flow: Option<&str>) -> Result<Vec<FailureCount>> {
+    let rows: Vec<FailureCountRow> = sqlx::query_as(FAILURE_COUNTS)
+        .bind(flow)
+        .fetch_all(&s.pool)
+        .await?;
+    rows.into_iter().map(FailureCountRow::into_count).collect()
+}
+
+pub(super) async fn failures(s: &PgStore, customer_id: &str) -> Result<Vec<Failure>> {
+    let rows: Vec<FailureRow> = sqlx::query_as(
+        "SELECT flow, step, customer_id, count, error, at FROM failures
+         WHERE customer_id = $1 ORDER BY at DESC, flow, step",
+    )
+    .bind(customer_id)
+    .fetch_all(&s.pool)
+    .await?;
+    rows.into_iter().map(FailureRow::into_failure).collect()
+}
+
 pub(super) async fn node_counts(s: &PgStore, flow: Option<&str>) -> Result<Vec<NodeCount>> {
     let rows: Vec<NodeCountRow> = sqlx::query_as(
         "SELECT flow, step, COUNT(*) AS waiting FROM runs

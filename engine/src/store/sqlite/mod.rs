@@ -37,13 +37,14 @@ use sqlx::{
 
 use super::codec::{
     self, ClaimedRow, ConversionRow, CountsRow, CustomerRow, DeliveryStateRow, EnrolmentRow,
-    FlowCountsRow, FlowVersionRow, HistoryRow, InboxRow, NodeCountRow, OutboxDbRow, OutboxDepthRow,
-    RUN_COLUMNS, RunRow, Settle, arm_str, ms, opt_ms, to_json,
+    FailureCountRow, FailureRow, FlowCountsRow, FlowVersionRow, HistoryRow, InboxRow, NodeCountRow,
+    OutboxDbRow, OutboxDepthRow, RUN_COLUMNS, RunRow, Settle, arm_str, ms, opt_ms, to_json,
 };
 use super::{Counts, DEFAULT_TIMEOUT, NodeCount, Result, Store, StoreError, Takeover};
 use crate::state::{
     Batch, Conversion, Customer, CustomerState, Delivery, DeliveryOutcome, DeliveryState,
-    Enrolment, FlowCounts, FlowVersion, HistoryEntry, InboxItem, OutboxDepth, OutboxRow, Run, Time,
+    Enrolment, Failure, FailureCount, FlowCounts, FlowVersion, HistoryEntry, InboxItem,
+    OutboxDepth, OutboxRow, Run, Time,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -444,6 +445,13 @@ static INSERT_CONVERSIONS: Shape = Shape::new(
     " ON CONFLICT DO NOTHING",
 );
 
+static UPSERT_FAILURES: Shape = Shape::new(
+    "INSERT INTO failures (flow, step, customer_id, count, error, at) VALUES ",
+    6,
+    " ON CONFLICT (flow, step, customer_id) DO UPDATE SET count = failures.count + \
+     excluded.count, error = excluded.error, at = excluded.at",
+);
+
 pub(crate) static UPSERT_RUNS: Shape = Shape::new(
     "INSERT INTO runs (id, flow, version, customer_id, status, step, wake_at, waiting_for, \
      vars, event, arm, last_touch, goal_until, converted_at, outcome, seq, entered_at, \
@@ -520,6 +528,12 @@ pub(crate) fn bind_outbox<'a>(a: &mut Args<'a>, o: &'a OutboxRow) -> Result<()> 
 fn bind_conversion<'a>(a: &mut Args<'a>, c: &'a Conversion) -> Result<()> {
     add!(a; c.run_id.as_str(), c.flow.as_str(), c.version.as_str(), c.customer_id.as_str(),
         arm_str(c.arm), c.last_touch.as_deref(), c.event_id.as_str(), ms(c.at));
+    Ok(())
+}
+
+fn bind_failure<'a>(a: &mut Args<'a>, f: &'a Failure) -> Result<()> {
+    add!(a; f.flow.as_str(), f.step.as_str(), f.customer_id.as_str(),
+        i64::try_from(f.count).unwrap_or(i64::MAX), f.error.as_str(), ms(f.at));
     Ok(())
 }
 
@@ -778,6 +792,9 @@ impl Store for SqliteStore {
             .write(&mut pipe, &rows.conversions, bind_conversion)
             .await?;
         UPSERT_RUNS.write(&mut pipe, &rows.runs, bind_run).await?;
+        UPSERT_FAILURES
+            .write(&mut pipe, &rows.failures, bind_failure)
+            .await?;
         if !batch.inbox_done.is_empty() {
             let mut seqs = String::from("[");
             for (i, seq) in batch.inbox_done.iter().enumerate() {
@@ -810,6 +827,14 @@ impl Store for SqliteStore {
 
     async fn runs(&self, customer_id: &str) -> Result<Vec<Run>> {
         reads::runs(self, customer_id).await
+    }
+
+    async fn failure_counts(&self, flow: Option<&str>) -> Result<Vec<FailureCount>> {
+        reads::failure_counts(self, flow).await
+    }
+
+    async fn failures(&self, customer_id: &str) -> Result<Vec<Failure>> {
+        reads::failures(self, customer_id).await
     }
 
     async fn conversions(&self, flow: Option<&str>) -> Result<Vec<Conversion>> {
