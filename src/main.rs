@@ -4,6 +4,7 @@ mod batch;
 mod bench;
 mod bench_engine;
 mod bench_serve;
+mod deadletters;
 mod log;
 mod output;
 mod play;
@@ -30,6 +31,33 @@ use clap::{Parser, Subcommand, ValueEnum};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum DeadLetters {
+    /// The dead letters, most recently dead first.
+    List {
+        #[arg(long, default_value = "sqlite://canvas.db")]
+        database: DatabaseUrl,
+        #[arg(long)]
+        flow: Option<String>,
+        #[arg(long)]
+        channel: Option<String>,
+        /// Text the last error contains (case-insensitive).
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long, value_enum, default_value_t = Format::Human)]
+        format: Format,
+    },
+    /// Send a dead letter again, under the same idempotency key.
+    Retry {
+        /// The outbox key (`RUN_ID/STEP_ID`), as `list` prints it.
+        key: String,
+        #[arg(long, default_value = "sqlite://canvas.db")]
+        database: DatabaseUrl,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -106,6 +134,11 @@ enum Command {
         flow: Option<String>,
         #[arg(long, value_enum, default_value_t = Format::Human)]
         format: Format,
+    },
+    /// Dead letters: messages the dispatcher gave up on; list them, or send one again.
+    Deadletters {
+        #[command(subcommand)]
+        action: DeadLetters,
     },
     /// Run the daemon: the HTTP API, the engine loop (inbox, timers, schedules) and the
     /// dispatcher, until SIGTERM or SIGINT.
@@ -259,6 +292,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             flow,
             format,
         } => status::status(&database, flow.as_deref(), format),
+        Command::Deadletters { action } => match action {
+            DeadLetters::List {
+                database,
+                flow,
+                channel,
+                reason,
+                limit,
+                format,
+            } => {
+                let filter = canvas_engine::state::DeadLetterFilter {
+                    flow,
+                    channel,
+                    reason,
+                    limit: limit.clamp(1, 100_000),
+                };
+                deadletters::list(&database, filter, format)
+            }
+            DeadLetters::Retry { key, database } => deadletters::retry(&database, &key),
+        },
         Command::Test { paths, format } => play::test(paths, format, &registry),
         Command::Simulate {
             flow,

@@ -497,6 +497,19 @@ pub struct DeliveryState {
     /// The error of the latest failed attempt; kept when a later attempt succeeds.
     pub last_error: Option<String>,
     pub sent_at: Option<Time>,
+    /// When the row was given up on (a dead letter); cleared when an operator retries it.
+    pub dead_at: Option<Time>,
+}
+
+/// Which dead letters to list (`Store::dead_letters`): every field narrows the list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeadLetterFilter {
+    pub flow: Option<String>,
+    pub channel: Option<String>,
+    /// Text the last error contains (case-insensitive).
+    pub reason: Option<String>,
+    /// At most this many, most recently dead first.
+    pub limit: usize,
 }
 
 /// The dispatcher's backlog (`Store::outbox_depth`), for metrics.

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use canvas_engine::state::{
-    Batch, DeliveryOutcome, DeliveryState, DeliveryStatus, FlowCounts, OutboxDepth, OutboxRow, Run,
-    Time,
+    Batch, DeadLetterFilter, DeliveryOutcome, DeliveryState, DeliveryStatus, FlowCounts,
+    OutboxDepth, OutboxRow, Run, Time,
 };
 use canvas_engine::store::{Database, Store};
 use chrono::Duration;
@@ -23,6 +23,7 @@ store_tests!(
     a_dead_daemons_claims_are_taken_over_at_once,
     a_sole_daemon_takes_over_every_other_claim,
     settle_sent_retry_dead,
+    dead_letters_are_listed_and_sent_again_under_their_key,
     concurrent_claims_never_share_a_row,
     pause_and_resume_flows,
     schedule_ticks_fire_once,
@@ -67,6 +68,114 @@ async fn claim(db: &Database, now: Time, limit: usize, lease_until: Time) -> Vec
         .into_iter()
         .map(|d| d.row.key.rsplit('/').next().unwrap_or_default().to_owned())
         .collect()
+}
+
+/// Defect: dead letters could be seen only one customer at a time and never sent again.
+async fn dead_letters_are_listed_and_sent_again_under_their_key(db: Arc<Database>) {
+    let rows = four_rows(&db).await;
+    let key = |i: usize| rows[i].key.clone();
+    assert_eq!(claim(&db, t(5), 10, t(6)).await, vec!["x", "a", "b"]);
+    db.settle_outbox(&[
+        DeliveryOutcome::Dead {
+            key: key(0),
+            attempts: 3,
+            at: t(5),
+            error: "HTTP 400: Not A Phone Number".into(),
+        },
+        DeliveryOutcome::Dead {
+            key: key(1),
+            attempts: 1,
+            at: t(6),
+            error: "timeout".into(),
+        },
+        DeliveryOutcome::Sent {
+            key: key(2),
+            at: t(5),
+        },
+    ])
+    .await
+    .expect("settle");
+    let list = async |flow: Option<&str>, channel: Option<&str>, reason: Option<&str>, limit| {
+        db.dead_letters(&DeadLetterFilter {
+            flow: flow.map(str::to_owned),
+            channel: channel.map(str::to_owned),
+            reason: reason.map(str::to_owned),
+            limit,
+        })
+        .await
+        .expect("dead letters")
+        .into_iter()
+        .map(|d| d.row.key)
+        .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        list(None, None, None, 10).await,
+        vec![key(1), key(0)],
+        "newest first"
+    );
+    assert_eq!(list(None, None, None, 1).await, vec![key(1)]);
+    assert_eq!(
+        list(Some("care"), Some(&rows[0].channel), None, 10)
+            .await
+            .len(),
+        2
+    );
+    assert!(list(Some("other"), None, None, 10).await.is_empty());
+    assert!(list(None, Some("email-nope"), None, 10).await.is_empty());
+    assert_eq!(
+        list(None, None, Some("not a phone"), 10).await,
+        vec![key(0)]
+    );
+    assert_eq!(
+        list(None, None, Some("100%_"), 10).await,
+        Vec::<String>::new()
+    );
+
+    let dead = db.delivery(&key(0)).await.expect("read").expect("a row");
+    assert_eq!(
+        (dead.status, dead.dead_at),
+        (DeliveryStatus::Dead, Some(t(5)))
+    );
+    assert!(db.retry_dead_letter(&key(0), t(20)).await.expect("retry"));
+    let again = db.delivery(&key(0)).await.expect("read").expect("a row");
+    assert_eq!(
+        (
+            again.status,
+            again.attempts,
+            again.next_attempt_at,
+            again.dead_at
+        ),
+        (DeliveryStatus::Pending, 0, Some(t(20)), None)
+    );
+    assert_eq!(
+        again.last_error.as_deref(),
+        Some("HTTP 400: Not A Phone Number")
+    );
+    assert!(
+        !db.retry_dead_letter(&key(0), t(21)).await.expect("retry"),
+        "not dead now"
+    );
+    assert!(
+        !db.retry_dead_letter(&key(2), t(21)).await.expect("retry"),
+        "a sent row"
+    );
+    assert!(
+        !db.retry_dead_letter("no/such/key", t(21))
+            .await
+            .expect("retry")
+    );
+    assert!(db.delivery("no/such/key").await.expect("read").is_none());
+    assert_eq!(list(None, None, None, 10).await, vec![key(1)]);
+    // The same row, same key, claimed again from its new due time.
+    let claimed = db
+        .claim_outbox(t(20), 10, "daemon-1", t(30), &[])
+        .await
+        .expect("claim");
+    assert!(
+        claimed
+            .iter()
+            .any(|d| d.row.key == key(0) && d.attempts == 0)
+    );
 }
 
 async fn claim_leases_due_rows_until_the_lease_runs_out(db: Arc<Database>) {
@@ -166,6 +275,7 @@ async fn settle_sent_retry_dead(db: Arc<Database>) {
         next_attempt_at: Some(next),
         last_error: last_error.map(str::to_owned),
         sent_at,
+        dead_at: (status == DeliveryStatus::Dead).then_some(t(5)),
     };
     use DeliveryStatus::{Dead, Pending, Sent};
     assert_eq!(

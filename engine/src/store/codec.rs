@@ -432,6 +432,7 @@ pub(crate) struct DeliveryStateRow {
     pub next_attempt_at: Option<i64>,
     pub last_error: Option<String>,
     pub sent_at: Option<i64>,
+    pub dead_at: Option<i64>,
 }
 
 impl DeliveryStateRow {
@@ -445,6 +446,7 @@ impl DeliveryStateRow {
             next_attempt_at: opt_time(T, self.next_attempt_at)?,
             last_error: self.last_error,
             sent_at: opt_time(T, self.sent_at)?,
+            dead_at: opt_time(T, self.dead_at)?,
             row: self.row.into_row()?,
         })
     }

@@ -6,9 +6,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::state::{
-    Batch, Conversion, CustomerState, Delivery, DeliveryOutcome, DeliveryState, Failure,
-    FailureCount, FlowCounts, FlowVersion, HistoryEntry, InboxItem, OutboxDepth, OutboxRow, Run,
-    Time,
+    Batch, Conversion, CustomerState, DeadLetterFilter, Delivery, DeliveryOutcome, DeliveryState,
+    Failure, FailureCount, FlowCounts, FlowVersion, HistoryEntry, InboxItem, OutboxDepth,
+    OutboxRow, Run, Time,
 };
 
 mod codec;
@@ -252,6 +252,20 @@ pub trait Store: Clone + Send + Sync + 'static {
         &self,
         customer_id: &str,
     ) -> impl Future<Output = Result<Vec<DeliveryState>>> + Send;
+
+    /// The dead letters that match `filter`, most recently dead first.
+    fn dead_letters(
+        &self,
+        filter: &DeadLetterFilter,
+    ) -> impl Future<Output = Result<Vec<DeliveryState>>> + Send;
+
+    /// One outbox row with its delivery state, by key.
+    fn delivery(&self, key: &str) -> impl Future<Output = Result<Option<DeliveryState>>> + Send;
+
+    /// Send a dead letter again, under the same key (the receiver's idempotency key): the
+    /// row is pending again, due at `now`, with a fresh set of attempts; its last error is
+    /// kept. `false` when `key` is not a dead letter (unknown, pending or sent).
+    fn retry_dead_letter(&self, key: &str, now: Time) -> impl Future<Output = Result<bool>> + Send;
 
     /// The dispatcher's backlog at `now`. Counting sent rows reads the whole outbox: for a
     /// metrics scrape, not a hot loop.
@@ -559,6 +573,18 @@ impl Store for Database {
 
     async fn deliveries(&self, customer_id: &str) -> Result<Vec<DeliveryState>> {
         delegate!(self, s => s.deliveries(customer_id))
+    }
+
+    async fn dead_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeliveryState>> {
+        delegate!(self, s => s.dead_letters(filter))
+    }
+
+    async fn delivery(&self, key: &str) -> Result<Option<DeliveryState>> {
+        delegate!(self, s => s.delivery(key))
+    }
+
+    async fn retry_dead_letter(&self, key: &str, now: Time) -> Result<bool> {
+        delegate!(self, s => s.retry_dead_letter(key, now))
     }
 
     async fn outbox_depth(&self, now: Time) -> Result<OutboxDepth> {

@@ -1,6 +1,7 @@
 //! The HTTP API (see docs/api.md). Every answer is JSON; every failure is a 4xx with
 //! `{"error":{"code","message"}}` saying what is wrong — never a 500 for bad input.
 
+mod deadletters;
 mod request;
 mod segment;
 
@@ -48,6 +49,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/flows/{id}", get(get_flow))
         .route("/v1/flows/{id}/pause", post(pause))
         .route("/v1/flows/{id}/resume", post(resume))
+        .route("/v1/deadletters", get(deadletters::list))
+        .route("/v1/deadletters/{*rest}", post(deadletters::retry))
         .route("/v1/batch", post(segment_batch))
         .route("/v1/track", post(segment_track))
         .route("/v1/identify", post(segment_identify))
@@ -340,6 +343,7 @@ async fn journeys(
     let runs = app.db.runs(&id).await?;
     let history = app.db.history(Some(&id)).await?;
     let deliveries = app.db.deliveries(&id).await?;
+    let failures = app.db.failures(&id).await?;
     let journeys: Vec<Json> = runs
         .iter()
         .map(|run| {
@@ -355,6 +359,9 @@ async fn journeys(
                         "channel": d.row.channel,
                         "address": d.row.address,
                         "template": d.row.template,
+                        // What the customer received (or was to receive): the rendered
+                        // subject/text/html of a message, a call's request body, a task.
+                        "content": d.row.payload,
                         "created_at": d.row.created_at,
                         "status": d.status.as_str(),
                         "attempts": d.attempts,
@@ -362,6 +369,7 @@ async fn journeys(
                         // Reasons recorded before they were redacted at the source.
                         "last_error": d.last_error.as_deref().map(redact),
                         "sent_at": d.sent_at,
+                        "dead_at": d.dead_at,
                     })
                 })
                 .collect();
@@ -383,12 +391,14 @@ async fn journeys(
                 "updated_at": run.updated_at,
                 "converted_at": run.converted_at,
                 "where": why,
+                "vars": run.vars,
                 "history": steps,
                 "deliveries": sends,
             })
         })
         .collect();
     if journeys.is_empty()
+        && failures.is_empty()
         && app
             .db
             .load(std::slice::from_ref(&id), app.clock.now())
@@ -397,7 +407,10 @@ async fn journeys(
     {
         return Err(ApiError::not_found(format!("no customer `{id}`")));
     }
-    Ok(axum::Json(json!({ "customer_id": id, "journeys": journeys })).into_response())
+    Ok(
+        axum::Json(json!({ "customer_id": id, "journeys": journeys, "failures": failures }))
+            .into_response(),
+    )
 }
 
 async fn list_flows(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiResult {

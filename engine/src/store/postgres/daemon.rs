@@ -232,14 +232,61 @@ pub(super) async fn settle_outbox(s: &PgStore, outcomes: &[DeliveryOutcome]) -> 
 
 pub(super) async fn deliveries(s: &PgStore, customer_id: &str) -> Result<Vec<DeliveryState>> {
     let rows: Vec<DeliveryStateRow> = sqlx::query_as(&format!(
-        "SELECT {OUTBOX_SELECT}, status, attempts::int8 AS attempts, next_attempt_at,
-                last_error, sent_at
+        "SELECT {OUTBOX_SELECT}, {STATE_COLUMNS}
          FROM outbox WHERE customer_id = $1 ORDER BY ord"
     ))
     .bind(customer_id)
     .fetch_all(&s.pool)
     .await?;
     rows.into_iter().map(DeliveryStateRow::into_state).collect()
+}
+
+/// The dispatch state of an outbox row ([`DeliveryStateRow`] after the row's own columns).
+const STATE_COLUMNS: &str =
+    "status, attempts::int8 AS attempts, next_attempt_at, last_error, sent_at, dead_at";
+
+pub(super) async fn dead_letters(
+    s: &PgStore,
+    filter: &DeadLetterFilter,
+) -> Result<Vec<DeliveryState>> {
+    // Walks the `outbox_dead` index (dead rows by `dead_at`).
+    let rows: Vec<DeliveryStateRow> = sqlx::query_as(&format!(
+        "SELECT {OUTBOX_SELECT}, {STATE_COLUMNS} FROM outbox
+         WHERE status = 'dead' AND ($1::text IS NULL OR flow = $1)
+           AND ($2::text IS NULL OR channel = $2)
+           AND ($3::text IS NULL OR strpos(lower(COALESCE(last_error, '')), lower($3)) > 0)
+         ORDER BY dead_at DESC, key LIMIT $4"
+    ))
+    .bind(filter.flow.as_deref())
+    .bind(filter.channel.as_deref())
+    .bind(filter.reason.as_deref())
+    .bind(i64::try_from(filter.limit).unwrap_or(i64::MAX))
+    .fetch_all(&s.pool)
+    .await?;
+    rows.into_iter().map(DeliveryStateRow::into_state).collect()
+}
+
+pub(super) async fn delivery(s: &PgStore, key: &str) -> Result<Option<DeliveryState>> {
+    let row: Option<DeliveryStateRow> = sqlx::query_as(&format!(
+        "SELECT {OUTBOX_SELECT}, {STATE_COLUMNS} FROM outbox WHERE key = $1"
+    ))
+    .bind(key)
+    .fetch_optional(&s.pool)
+    .await?;
+    row.map(DeliveryStateRow::into_state).transpose()
+}
+
+pub(super) async fn retry_dead_letter(s: &PgStore, key: &str, now: Time) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = $2,
+             dead_at = NULL, lease_until = NULL, claimed_by = NULL
+         WHERE key = $1 AND status = 'dead'",
+    )
+    .bind(key)
+    .bind(ms(now))
+    .execute(&s.pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
 }
 
 pub(super) async fn outbox_depth(s: &PgStore, now: Time) -> Result<OutboxDepth> {

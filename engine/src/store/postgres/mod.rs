@@ -24,9 +24,9 @@ use super::codec::{
 };
 use super::{Counts, DEFAULT_TIMEOUT, NodeCount, Result, Store, StoreError, Takeover};
 use crate::state::{
-    Batch, Conversion, Customer, CustomerState, Delivery, DeliveryOutcome, DeliveryState,
-    Enrolment, Failure, FailureCount, FlowCounts, FlowVersion, HistoryEntry, InboxItem,
-    OutboxDepth, OutboxRow, Run, Time,
+    Batch, Conversion, Customer, CustomerState, DeadLetterFilter, Delivery, DeliveryOutcome,
+    DeliveryState, Enrolment, Failure, FailureCount, FlowCounts, FlowVersion, HistoryEntry,
+    InboxItem, OutboxDepth, OutboxRow, Run, Time,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -842,6 +842,18 @@ impl Store for PgStore {
 
     async fn deliveries(&self, customer_id: &str) -> Result<Vec<DeliveryState>> {
         daemon::deliveries(self, customer_id).await
+    }
+
+    async fn dead_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeliveryState>> {
+        daemon::dead_letters(self, filter).await
+    }
+
+    async fn delivery(&self, key: &str) -> Result<Option<DeliveryState>> {
+        daemon::delivery(self, key).await
+    }
+
+    async fn retry_dead_letter(&self, key: &str, now: Time) -> Result<bool> {
+        daemon::retry_dead_letter(self, key, now).await
     }
 
     async fn outbox_depth(&self, now: Time) -> Result<OutboxDepth> {

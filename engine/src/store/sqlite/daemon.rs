@@ -223,7 +223,7 @@ pub(super) async fn settle_outbox(s: &SqliteStore, outcomes: &[DeliveryOutcome])
 
 pub(super) async fn deliveries(s: &SqliteStore, customer_id: &str) -> Result<Vec<DeliveryState>> {
     let rows: Vec<DeliveryStateRow> = sqlx::query_as(&format!(
-        "SELECT {OUTBOX_COLUMNS}, status, attempts, next_attempt_at, last_error, sent_at
+        "SELECT {OUTBOX_COLUMNS}, {STATE_COLUMNS}
          FROM outbox WHERE customer_id = ?1 ORDER BY rowid"
     ))
     .bind(customer_id)
@@ -231,6 +231,55 @@ pub(super) async fn deliveries(s: &SqliteStore, customer_id: &str) -> Result<Vec
     .await?;
     rows.into_iter().map(DeliveryStateRow::into_state).collect()
 }
+
+/// The dispatch state of an outbox row ([`DeliveryStateRow`] after the row's own columns).
+const STATE_COLUMNS: &str = "status, attempts, next_attempt_at, last_error, sent_at, dead_at";
+
+pub(super) async fn dead_letters(
+    s: &SqliteStore,
+    filter: &DeadLetterFilter,
+) -> Result<Vec<DeliveryState>> {
+    // Walks the `outbox_dead` index (dead rows by `dead_at`).
+    let rows: Vec<DeliveryStateRow> = sqlx::query_as(&format!(
+        "SELECT {OUTBOX_COLUMNS}, {STATE_COLUMNS} FROM outbox
+         WHERE status = 'dead' AND (?1 IS NULL OR flow = ?1) AND (?2 IS NULL OR channel = ?2)
+           AND (?3 IS NULL OR instr(lower(COALESCE(last_error, '')), lower(?3)) > 0)
+         ORDER BY dead_at DESC, key LIMIT ?4"
+    ))
+    .bind(filter.flow.as_deref())
+    .bind(filter.channel.as_deref())
+    .bind(filter.reason.as_deref())
+    .bind(limit_i64(filter.limit))
+    .fetch_all(&s.read)
+    .await?;
+    rows.into_iter().map(DeliveryStateRow::into_state).collect()
+}
+
+pub(super) async fn delivery(s: &SqliteStore, key: &str) -> Result<Option<DeliveryState>> {
+    let row: Option<DeliveryStateRow> = sqlx::query_as(&format!(
+        "SELECT {OUTBOX_COLUMNS}, {STATE_COLUMNS} FROM outbox WHERE key = ?1"
+    ))
+    .bind(key)
+    .fetch_optional(&s.read)
+    .await?;
+    row.map(DeliveryStateRow::into_state).transpose()
+}
+
+pub(super) async fn retry_dead_letter(s: &SqliteStore, key: &str, now: Time) -> Result<bool> {
+    let mut tx = s.begin().await?;
+    let done = sqlx::query(RETRY_DEAD)
+        .bind(key)
+        .bind(ms(now))
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// `retry_dead_letter`: pending again, due now, a fresh set of attempts, unclaimed.
+const RETRY_DEAD: &str = "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = ?2,
+     dead_at = NULL, lease_until = NULL, claimed_by = NULL
+ WHERE key = ?1 AND status = 'dead'";
 
 pub(super) async fn outbox_depth(s: &SqliteStore, now: Time) -> Result<OutboxDepth> {
     // Each count walks a partial index (`outbox_pending`, `outbox_dead`), never the

@@ -1,0 +1,142 @@
+//! Dead letters: the messages the dispatcher gave up on (a permanent failure, or retries
+//! exhausted), to be seen and sent again. `GET /v1/deadletters` lists them, newest first,
+//! filtered by flow, channel and reason; `POST /v1/deadletters/{key}/retry` sends one again
+//! under the same idempotency key, so a receiver that did get it drops the repeat.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use canvas_engine::state::{DeadLetterFilter, DeliveryState, DeliveryStatus, OutboxKind};
+use canvas_engine::store::{Store, redact};
+use serde::Deserialize;
+use serde_json::{Value as Json, json};
+
+use super::request::{ApiError, ApiResult, authorize};
+use super::{MAX_ID, MAX_NAME, check_id};
+use crate::serve::App;
+use crate::serve::config::Scope;
+
+/// Dead letters in one answer when `limit` is not given, and at most.
+const DEFAULT_LIMIT: usize = 100;
+const MAX_LIMIT: usize = 1000;
+/// Longest `reason` filter accepted.
+const MAX_REASON: usize = 256;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ListQuery {
+    flow: Option<String>,
+    channel: Option<String>,
+    reason: Option<String>,
+    limit: Option<usize>,
+}
+
+pub(super) async fn list(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult {
+    authorize(&app, &headers, Scope::Read)?;
+    let Query(q) = query.map_err(|e| ApiError::bad(e.body_text()))?;
+    let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
+    if limit == 0 || limit > MAX_LIMIT {
+        return Err(ApiError::bad(format!(
+            "`limit` is {limit}; it must be 1 to {MAX_LIMIT}"
+        )));
+    }
+    for (what, value, max) in [
+        ("flow", &q.flow, MAX_ID),
+        ("channel", &q.channel, MAX_NAME),
+        ("reason", &q.reason, MAX_REASON),
+    ] {
+        if let Some(v) = value {
+            check_id(what, None, v, max)?;
+        }
+    }
+    let filter = DeadLetterFilter {
+        flow: q.flow,
+        channel: q.channel,
+        reason: q.reason,
+        limit,
+    };
+    let dead = app.db.dead_letters(&filter).await?;
+    let letters: Vec<Json> = dead.iter().map(letter).collect();
+    Ok(axum::Json(json!({ "deadletters": letters })).into_response())
+}
+
+/// `POST /v1/deadletters/{key}/retry`. Keys hold slashes (`RUN_ID/STEP_ID`), so the route
+/// takes the rest of the path; `%2F` works as well as `/`.
+pub(super) async fn retry(
+    State(app): State<Arc<App>>,
+    Path(rest): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    authorize(&app, &headers, Scope::Write)?;
+    let Some(key) = rest.strip_suffix("/retry") else {
+        return Err(ApiError::not_found(
+            "no such route: use POST /v1/deadletters/{key}/retry",
+        ));
+    };
+    check_id("key", None, key, MAX_ID * 2)?;
+    let Some(found) = app.db.delivery(key).await? else {
+        return Err(ApiError::not_found(format!("no outbox row `{key}`")));
+    };
+    if found.row.kind == OutboxKind::Call {
+        // The run that made the call was told it failed and went on (to `on_error`, or
+        // ended with outcome `error`): an answer now would reach nobody.
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("`{key}` is a `call`; its run has moved on, so it cannot be sent again"),
+        ));
+    }
+    if found.status != DeliveryStatus::Dead {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!(
+                "`{key}` is {}, not a dead letter; only dead letters are sent again",
+                found.status.as_str()
+            ),
+        ));
+    }
+    let now = app.clock.now();
+    if !app.db.retry_dead_letter(key, now).await? {
+        // Retried by someone else between the read and the update.
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("`{key}` is no longer a dead letter"),
+        ));
+    }
+    tracing::info!(key, "dead letter sent again by an operator");
+    app.outbox_wake.notify_one();
+    Ok(
+        axum::Json(json!({ "key": key, "status": "pending", "next_attempt_at": now }))
+            .into_response(),
+    )
+}
+
+/// A dead letter as the API shows it: what it was, what it said, and why it died.
+pub(super) fn letter(d: &DeliveryState) -> Json {
+    json!({
+        "key": d.row.key,
+        "kind": d.row.kind,
+        "flow": d.row.flow,
+        "customer_id": d.row.customer_id,
+        "run_id": d.row.run_id,
+        "step": d.row.step,
+        "channel": d.row.channel,
+        "address": d.row.address,
+        "template": d.row.template,
+        "content": d.row.payload,
+        "created_at": d.row.created_at,
+        "attempts": d.attempts,
+        // Reasons recorded before they were redacted at the source.
+        "last_error": d.last_error.as_deref().map(redact),
+        "dead_at": d.dead_at,
+    })
+}
