@@ -178,7 +178,7 @@ async fn delivers_signed_with_idempotency_keys_and_stores_call_responses() {
         assert_eq!(got_key, &key);
         assert_eq!(body["key"], json!(key));
         assert_eq!(body["address"], json!("+8613800000001"));
-        assert_eq!(body["content"]["text"], json!("Welcome, Ada!\n"));
+        assert_eq!(body["content"]["text"], json!("Welcome, Ada!"));
     }
 
     // The call: its JSON response is stored and used by the next send.
@@ -198,7 +198,7 @@ async fn delivers_signed_with_idempotency_keys_and_stores_call_responses() {
         .iter()
         .find(|(p, k, _)| p == "ok" && k.ends_with("/tell"))
         .unwrap();
-    assert_eq!(told.2["content"]["text"], json!("Your coupon: C-2026\n"));
+    assert_eq!(told.2["content"]["text"], json!("Your coupon: C-2026"));
     drop(r);
     assert!(d.terminate().success());
 }

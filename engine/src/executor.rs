@@ -23,6 +23,11 @@ use crate::state::{
 /// The waiting marker of a run parked at a `call` step until the response comes back.
 pub const WAITING_FOR_CALL: &str = "call";
 
+/// The catalogue's SMS channel, whose history entries carry the segment count.
+const SMS: &str = "sms";
+/// The e-mail channel, whose text part keeps its text as rendered.
+const EMAIL: &str = "email";
+
 /// What the executor may read besides the run and the customer.
 #[derive(Debug, Clone, Copy)]
 pub struct Ctx<'a> {
@@ -785,6 +790,15 @@ impl Exec<'_, '_> {
                 return Flow::Go(next);
             }
         };
+        let mut detail = json!({ "channel": channel, "template": template });
+        if channel == SMS
+            && let Some(text) = payload.get("text").and_then(Json::as_str)
+        {
+            // What the carrier bills: recorded so an operator sees a text that grew past one.
+            let s = crate::sms::segments(text);
+            detail["segments"] = json!(s.segments);
+            detail["encoding"] = json!(s.encoding);
+        }
         self.out.outbox.push(OutboxRow {
             key: format!("{}/{}", self.run.id, id),
             kind: OutboxKind::Message,
@@ -808,11 +822,7 @@ impl Exec<'_, '_> {
             self.out.customer_changed = true;
         }
         self.run.last_touch = Some(id.to_owned());
-        self.record(
-            "sent",
-            id.to_owned(),
-            json!({ "channel": channel, "template": template }),
-        );
+        self.record("sent", id.to_owned(), detail);
         Flow::Go(next)
     }
 
@@ -846,10 +856,14 @@ impl Exec<'_, '_> {
             if let Some(s) = subject {
                 payload.insert("subject".into(), json!(s));
             }
-            let key = if path.ends_with(".html") {
-                "html"
+            let (key, body) = if path.ends_with(".html") {
+                ("html", body)
+            } else if channel == EMAIL {
+                ("text", body)
             } else {
-                "text"
+                // A text file ends with a newline; an SMS, a push or a chat message must not
+                // (it would be sent, and billed, as part of the text).
+                ("text", body.trim_end_matches(['\n', '\r']).to_owned())
             };
             payload.insert(key.into(), json!(body));
         }
