@@ -4,6 +4,7 @@ mod batch;
 mod bench;
 mod bench_engine;
 mod bench_serve;
+mod checks;
 mod deadletters;
 mod log;
 mod output;
@@ -220,7 +221,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 paths
             };
             let mut validation = canvas_engine::validate_paths(&paths, &registry)?;
-            check_policies(&paths, &mut validation);
+            checks::check_policies(&paths, &mut validation, &registry);
             let color = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
             let mut stdout = std::io::stdout().lock();
             output::validation(&mut stdout, &validation, format, color)?;
@@ -319,59 +320,5 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             flows,
         } => play::simulate(&flow, &timeline, &flows, format, &registry),
         Command::Bench { what } => bench::run(what, &registry),
-    }
-}
-
-/// The daemon's sections of `canvas.yaml` (`server:`, `channels:`), checked without the
-/// environment: a typo in a channel should fail CI, not the deploy.
-fn daemon_sections(
-    policy: &canvas_engine::policy::Policy,
-    file: &std::path::Path,
-) -> Vec<canvas_engine::diagnostic::Diagnostic> {
-    let mut out = Vec::new();
-    if let Err(e) = policy.section::<serve::config::ServerSection>("server") {
-        out.extend(e.diagnostics);
-    }
-    match policy.section::<canvas_channels::ChannelsConfig>("channels") {
-        Err(e) => out.extend(e.diagnostics),
-        Ok(Some(channels)) => {
-            if let Err(e) = channels.validate() {
-                out.push(canvas_engine::diagnostic::Diagnostic::new(
-                    canvas_engine::diagnostic::Code::WrongType,
-                    file,
-                    None,
-                    format!("`channels:`: {e}"),
-                ));
-            }
-        }
-        Ok(None) => {}
-    }
-    out
-}
-
-/// `canvas.yaml` beside the validated folders (or one level up) is checked too: a typo in a
-/// cap should fail CI like a typo in a flow.
-fn check_policies(paths: &[PathBuf], validation: &mut canvas_engine::Validation) {
-    let mut seen = std::collections::BTreeSet::new();
-    for p in paths.iter().filter(|p| p.is_dir()) {
-        for dir in [Some(p.as_path()), p.parent()].into_iter().flatten() {
-            let file = dir.join(canvas_engine::policy::FILE_NAME);
-            if !file.is_file() || !seen.insert(file.clone()) {
-                continue;
-            }
-            let diagnostics = match canvas_engine::policy::Policy::load(&file) {
-                Err(e) => e.diagnostics,
-                Ok(policy) => daemon_sections(&policy, &file),
-            };
-            if !diagnostics.is_empty() {
-                if let Ok(text) = std::fs::read_to_string(&file) {
-                    validation
-                        .sources
-                        .insert(file.clone(), std::sync::Arc::new(text));
-                }
-                validation.diagnostics.extend(diagnostics);
-            }
-            break;
-        }
     }
 }

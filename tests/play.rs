@@ -296,12 +296,18 @@ fn validate_checks_the_daemon_sections_of_canvas_yaml() {
     assert!(text.contains("unknown key `limts`"), "{text}");
     assert!(text.contains("10 seconds"), "{text}");
 
-    // A correct file passes, secrets unset: they are the deploy's business.
-    std::fs::write(
-        tmp.path().join("canvas.yaml"),
-        "channels:\n  sms:\n    type: webhook\n    url: http://gw.example/sms\n    secret_env: NOT_SET_IN_CI\n",
-    )
-    .unwrap();
+    // A correct file passes, secrets unset: they are the deploy's business. It configures
+    // every channel the flows use (`validate` checks that too).
+    let mut channels = "channels:\n  sms:\n    type: webhook\n    url: http://gw.example/sms\n    secret_env: NOT_SET_IN_CI\n".to_owned();
+    for name in ["wechat", "coupons", "task"] {
+        channels.push_str(&format!(
+            "  {name}:\n    type: webhook\n    url: http://gw.example/{name}\n"
+        ));
+    }
+    channels.push_str(
+        "  email:\n    type: email\n    host: smtp.example\n    from: Shop <news@shop.example>\n",
+    );
+    std::fs::write(tmp.path().join("canvas.yaml"), channels).unwrap();
     let out = canvas(&["validate", &tmp.path().to_string_lossy()]);
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
 }

@@ -13,6 +13,9 @@ use serde::Deserialize;
 
 use crate::duration;
 
+/// The channel name flows text on; only it is billed by the segment.
+pub const SMS: &str = "sms";
+
 /// The whole `channels:` section: channel name → its configuration.
 ///
 /// The name is what flows write: `sms`, `email`, `wechat` in a `send` step, or the webhook
@@ -70,6 +73,11 @@ pub struct WebhookConfig {
     /// How failures that may pass are retried.
     #[serde(default)]
     pub retry: RetryConfig,
+    /// For the `sms` channel: the most segments (160 GSM-7 / 70 UCS-2 characters, 153 / 67
+    /// per part once split) a message may cost. `canvas validate` checks every SMS
+    /// template's static text against it.
+    #[serde(default)]
+    pub max_segments: Option<u32>,
 }
 
 /// `type: email`: an SMTP relay.
@@ -180,6 +188,11 @@ pub struct GatewayConfig {
     /// How failures that may pass are retried.
     #[serde(default)]
     pub retry: RetryConfig,
+    /// For the `sms` channel: the most segments (160 GSM-7 / 70 UCS-2 characters, 153 / 67
+    /// per part once split) a message may cost. `canvas validate` checks every SMS
+    /// template's static text against it.
+    #[serde(default)]
+    pub max_segments: Option<u32>,
 }
 
 /// HTTP methods a gateway may use (written upper- or lower-case).
@@ -323,6 +336,15 @@ impl ChannelConfig {
             ChannelConfig::Webhook(c) => common!(c),
             ChannelConfig::Email(c) => common!(c),
             ChannelConfig::Sms(c) | ChannelConfig::Wechat(c) => common!(c),
+        }
+    }
+
+    /// The `max_segments` setting, on the types that have it (`webhook`, `sms`, `wechat`).
+    pub fn max_segments(&self) -> Option<u32> {
+        match self {
+            ChannelConfig::Webhook(c) => c.max_segments,
+            ChannelConfig::Sms(c) | ChannelConfig::Wechat(c) => c.max_segments,
+            ChannelConfig::Email(_) => None,
         }
     }
 
@@ -471,13 +493,26 @@ impl ChannelsConfig {
     /// Check what can be checked without the environment or the network: URLs, limits,
     /// templates, addresses, header names. `Channels::from_config` runs it too.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        for (name, channel) in &self.channels {
-            validate_channel(name, channel).map_err(|problem| ConfigError::Invalid {
-                channel: name.clone(),
-                problem,
-            })?;
+        match self.problems().into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
-        Ok(())
+    }
+
+    /// What [`ChannelsConfig::validate`] checks, for every channel at once (the first
+    /// problem of each): `canvas validate` reports them all in one pass.
+    pub fn problems(&self) -> Vec<ConfigError> {
+        self.channels
+            .iter()
+            .filter_map(|(name, channel)| {
+                validate_channel(name, channel)
+                    .err()
+                    .map(|problem| ConfigError::Invalid {
+                        channel: name.clone(),
+                        problem,
+                    })
+            })
+            .collect()
     }
 }
 
@@ -507,6 +542,15 @@ fn validate_channel(name: &str, channel: &ChannelConfig) -> Result<(), String> {
     }
     if common.retry.max < common.retry.base {
         return Err("`retry.max` must not be shorter than `retry.base`".into());
+    }
+    match channel.max_segments() {
+        Some(0) => return Err("`max_segments` must be at least 1".into()),
+        Some(_) if name != SMS => {
+            return Err(format!(
+                "`max_segments` counts SMS segments: it goes under the `{SMS}` channel"
+            ));
+        }
+        _ => {}
     }
     match channel {
         ChannelConfig::Webhook(c) => {

@@ -129,11 +129,55 @@ pub(crate) fn environment() -> Environment<'static> {
     env
 }
 
-/// Compile a template once to report syntax errors at start-up.
+/// The names a gateway's `url` and `body` templates are rendered with.
+pub const GATEWAY_VARIABLES: &[&str] = &[
+    "to",
+    "text",
+    "subject",
+    "html",
+    "template",
+    "key",
+    "customer_id",
+    "flow",
+    "step",
+    "channel",
+    "data",
+];
+
+/// Compile a template once to report, before the first send, a syntax error or a name
+/// the gateway does not render it with (`{{ too }}` for `{{ to }}`).
 pub(crate) fn compile(name: &str, source: &str) -> Result<(), String> {
-    environment()
-        .add_template_owned(name.to_owned(), source.to_owned())
-        .map_err(|e| e.to_string())
+    let mut env = environment();
+    env.add_template_owned(name.to_owned(), source.to_owned())
+        .map_err(|e| e.to_string())?;
+    let tmpl = env.get_template(name).map_err(|e| e.to_string())?;
+    check_names(&tmpl.undeclared_variables(false))
+}
+
+/// Every name in `used` must be one of [`GATEWAY_VARIABLES`].
+pub(crate) fn check_names(used: &std::collections::HashSet<String>) -> Result<(), String> {
+    let mut unknown: Vec<&str> = used
+        .iter()
+        .map(String::as_str)
+        .filter(|v| !GATEWAY_VARIABLES.contains(v))
+        .collect();
+    unknown.sort_unstable();
+    match unknown.first() {
+        None => Ok(()),
+        Some(first) => Err(format!(
+            "unknown name `{first}`{}; a gateway template can use {}",
+            if unknown.len() > 1 {
+                format!(" (and {})", unknown[1..].join(", "))
+            } else {
+                String::new()
+            },
+            GATEWAY_VARIABLES
+                .iter()
+                .map(|v| format!("`{v}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
 }
 
 impl Gateway {

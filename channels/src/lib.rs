@@ -44,7 +44,7 @@ use std::time::Duration;
 
 pub use config::{
     ChannelConfig, ChannelSecrets, ChannelsConfig, Common, ConfigError, EmailConfig, GatewayConfig,
-    Method, MissingEnv, Resolved, RetryConfig, Secret, Tls, WebhookConfig,
+    Method, MissingEnv, Resolved, RetryConfig, SMS, Secret, Tls, WebhookConfig,
 };
 pub use duration::{DurationError, parse_duration};
 pub use email::{html_to_text, message_id};

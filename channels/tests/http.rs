@@ -511,12 +511,25 @@ async fn gateway_without_body_sends_the_webhook_envelope() {
 #[tokio::test]
 async fn template_errors_are_permanent_and_send_nothing() {
     let server = HttpServer::start().await;
-    let yaml = format!(
+    // A misspelt variable is refused when the channels are built, before any send.
+    let typo = format!(
         r#"typo:
   type: sms
   url: {url}
   body: '{{"to": {{{{ to | tojson }}}}, "text": {{{{ txt.body | tojson }}}}}}'
-unquoted:
+"#,
+        url = server.url("/ok")
+    );
+    let config: canvas_channels::ChannelsConfig =
+        serde_yaml_ng::from_str(&typo).expect("valid channels yaml");
+    let e = config.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("channel `typo`: `body`: unknown name `txt`"),
+        "{e}"
+    );
+
+    let yaml = format!(
+        r#"unquoted:
   type: sms
   url: {url}
   body: '{{"to": "{{{{ to }}}}", "text": "{{{{ text }}}}"}}'
@@ -525,10 +538,6 @@ unquoted:
     );
     let ch = channels(&yaml, &[]);
     let msg = message(Some("+1555"), json!({ "text": "He said \"no\"" }));
-
-    let e = ch.deliver("typo", &msg).await.unwrap_err();
-    assert!(matches!(e, DeliveryError::Template(_)), "{e:?}");
-    assert!(!e.is_retryable());
 
     let e = ch.deliver("unquoted", &msg).await.unwrap_err();
     assert!(matches!(e, DeliveryError::Template(_)), "{e:?}");

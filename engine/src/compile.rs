@@ -254,6 +254,7 @@ impl<'a> Cx<'a> {
             templates: std::mem::take(&mut self.used_templates),
             hash,
             source: self.file.clone(),
+            sites: sites(&raw.steps.value),
         })
     }
 
@@ -1609,6 +1610,27 @@ impl<'a> Cx<'a> {
 }
 
 /// Walk a strongly connected component to spell one cycle through its first step.
+/// Step id → the span of what it uses (see [`CompiledFlow::sites`]).
+fn sites(steps: &[Lenient<RawStep>]) -> BTreeMap<String, Span> {
+    steps
+        .iter()
+        .filter_map(|s| match s {
+            Lenient::Ok(s) => Some(s),
+            Lenient::Broken(_) => None,
+        })
+        .map(|s| {
+            let span = s
+                .send
+                .as_ref()
+                .map(|v| v.span)
+                .or_else(|| s.call.as_ref().map(|c| c.value.webhook.span))
+                .or_else(|| s.task.as_ref().map(|t| t.span))
+                .unwrap_or(s.id.span);
+            (s.id.value.clone(), span)
+        })
+        .collect()
+}
+
 fn cycle_path(graph: &DiGraph<Step, Edge>, scc: &[NodeIndex]) -> Vec<NodeIndex> {
     let start = scc.iter().copied().min().unwrap_or(scc[0]);
     if graph.contains_edge(start, start) {

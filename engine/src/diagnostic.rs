@@ -75,6 +75,10 @@ pub enum Code {
     TemplateLimit,
     /// An `include`, `import` or `extends` outside the templates folder, or of a missing file.
     TemplateInclude,
+    /// A channel the flows use that the `channels:` section of `canvas.yaml` leaves out.
+    UnconfiguredChannel,
+    /// An SMS template whose fixed text alone is more segments than `max_segments` allows.
+    SmsSegments,
 }
 
 impl Code {
@@ -111,6 +115,8 @@ impl Code {
         Code::KindConfig,
         Code::TemplateLimit,
         Code::TemplateInclude,
+        Code::UnconfiguredChannel,
+        Code::SmsSegments,
     ];
 
     /// The stable code, e.g. `CNV0205`.
@@ -148,6 +154,8 @@ impl Code {
             Code::KindConfig => "CNV0406",
             Code::TemplateLimit => "CNV0407",
             Code::TemplateInclude => "CNV0408",
+            Code::UnconfiguredChannel => "CNV0409",
+            Code::SmsSegments => "CNV0410",
         }
     }
 }

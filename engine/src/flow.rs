@@ -11,6 +11,7 @@ use crate::duration::{Duration, TimeOfDay};
 use crate::expr::Expr;
 use crate::model::{Priority, Weekday};
 use crate::template::TemplateFile;
+use crate::yaml::Span;
 
 /// The content hash of a compiled flow; it is the flow's version.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -48,6 +49,10 @@ pub struct CompiledFlow {
     pub templates: BTreeMap<String, TemplateFile>,
     pub hash: FlowHash,
     pub source: PathBuf,
+    /// Step id → where the step says what it uses: the `send:` channels, the `call`'s
+    /// `webhook:`, the `task:` (else the `id:`). Checks made after compiling, such as the
+    /// daemon's channels, point there.
+    pub sites: BTreeMap<String, Span>,
 }
 
 impl CompiledFlow {
@@ -116,6 +121,22 @@ pub struct Step {
     pub id: String,
     pub name: Option<String>,
     pub kind: StepKind,
+}
+
+/// The channel `task` steps deliver through.
+pub const TASK_CHANNEL: &str = "task";
+
+impl Step {
+    /// The channels this step may deliver through, as `canvas.yaml` must name them: its
+    /// `send` channels, its `call`'s webhook, [`TASK_CHANNEL`] for a task.
+    pub fn channels(&self) -> Vec<&str> {
+        match &self.kind {
+            StepKind::Send { channels, .. } => channels.iter().map(String::as_str).collect(),
+            StepKind::Call { webhook, .. } => vec![webhook.as_str()],
+            StepKind::Task { .. } => vec![TASK_CHANNEL],
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// Where a run goes: a step, or the end of the run (`completed`).

@@ -490,6 +490,21 @@ impl Policy {
         }
     }
 
+    /// Where `path` (`["channels", "sms", "max_segments"]`) is written in the daemon's
+    /// sections, for diagnostics about a value that decoded but does not fit the flows.
+    pub fn section_span(&self, path: &[&str]) -> Option<Span> {
+        let (first, rest) = path.split_first()?;
+        let (_, node) = self.sections.nodes.iter().find(|(k, _)| k == first)?;
+        rest.iter()
+            .try_fold(node, |n, key| n.get(key))
+            .map(|n| n.span)
+    }
+
+    /// The file the daemon's sections were read from.
+    pub fn sections_file(&self) -> &Path {
+        &self.sections.file
+    }
+
     /// The time zone to judge quiet hours in: the customer's own IANA zone when they have a
     /// valid one, else [`Policy::timezone`].
     pub fn customer_zone(&self, customer_tz: Option<&str>) -> Tz {

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use canvas_channels::{Channels, Delivered, DeliveryError, Message, MessageKind};
-use canvas_engine::flow::StepKind;
 use canvas_engine::runtime::FlowSet;
 use canvas_engine::state::{
     CallResult, Delivery, DeliveryOutcome, InboxItem, OutboxKind, OutboxRow, Time,
@@ -37,22 +36,11 @@ const PAUSED_RETRY: Duration = Duration::from_secs(30);
 /// The channels the flows use: every `send` channel, every `call` webhook, and `task` when a
 /// flow creates tasks.
 pub fn channels_used(flows: &FlowSet) -> BTreeSet<String> {
-    let mut used = BTreeSet::new();
-    for flow in flows.current() {
-        for (_, step) in flow.steps() {
-            match &step.kind {
-                StepKind::Send { channels, .. } => used.extend(channels.iter().cloned()),
-                StepKind::Call { webhook, .. } => {
-                    used.insert(webhook.clone());
-                }
-                StepKind::Task { .. } => {
-                    used.insert("task".to_owned());
-                }
-                _ => {}
-            }
-        }
-    }
-    used
+    flows
+        .current()
+        .flat_map(|flow| flow.steps().flat_map(|(_, step)| step.channels()))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// The channels flows use that `canvas.yaml` does not configure.

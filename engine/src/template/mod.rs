@@ -167,6 +167,27 @@ fn check_source(name: &str, source: &str, includes: &Includes) -> Vec<TemplateIs
     issues
 }
 
+/// The text of a template outside its tags: what every render contains whatever the data
+/// (the text inside `{% if %}` counts too, as if every branch were taken). Comments and tags
+/// give nothing; a template that does not parse gives `None`.
+// `SyntaxConfig` is a unit struct unless minijinja's `custom_syntax` is on.
+#[allow(clippy::default_constructed_unit_structs)]
+pub fn static_text(source: &str) -> Option<String> {
+    use minijinja::machinery::{Token, WhitespaceConfig, tokenize};
+    let mut out = String::new();
+    for item in tokenize(
+        source,
+        false,
+        minijinja::syntax::SyntaxConfig::default(),
+        WhitespaceConfig::default(),
+    ) {
+        if let (Token::TemplateData(text), _) = item.ok()? {
+            out.push_str(text);
+        }
+    }
+    Some(out)
+}
+
 fn line_of(source: &str, word: &str) -> Option<usize> {
     source.lines().position(|l| l.contains(word)).map(|i| i + 1)
 }
