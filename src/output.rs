@@ -22,11 +22,15 @@ pub fn validation(
                 writeln!(out, "{text}")?;
             }
             let bad = v.files.iter().filter(|f| f.errors > 0).count();
-            let errors = v.diagnostics.len();
+            let errors = v.errors();
+            let warnings = match v.warnings() {
+                0 => String::new(),
+                n => format!(" ({n} warning{})", plural(n)),
+            };
             if errors == 0 {
                 writeln!(
                     out,
-                    "✓ {} flow file{} valid",
+                    "✓ {} flow file{} valid{warnings}",
                     v.files.len(),
                     plural(v.files.len())
                 )
@@ -37,6 +41,7 @@ pub fn validation(
                 let other: std::collections::BTreeSet<_> = v
                     .diagnostics
                     .iter()
+                    .filter(|d| d.is_error())
                     .map(|d| &d.file)
                     .filter(|f| !flow_files.contains(f))
                     .collect();
@@ -53,7 +58,7 @@ pub fn validation(
                 };
                 writeln!(
                     out,
-                    "✗ {errors} error{} in {bad} of {} flow file{}{also}",
+                    "✗ {errors} error{} in {bad} of {} flow file{}{also}{warnings}",
                     plural(errors),
                     v.files.len(),
                     plural(v.files.len())

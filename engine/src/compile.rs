@@ -159,7 +159,11 @@ impl<'a> Cx<'a> {
         Compiled {
             file: self.file,
             id,
-            flow: if diagnostics.is_empty() { flow } else { None },
+            flow: if diagnostics.iter().any(Diagnostic::is_error) {
+                None
+            } else {
+                flow
+            },
             diagnostics,
         }
     }
@@ -237,6 +241,16 @@ impl<'a> Cx<'a> {
         let graph = self.steps(&raw.steps);
         let hash = self.hash(raw);
         let (graph, start) = graph?;
+        self.diags.extend(crate::scope::check(&crate::scope::Input {
+            file: &self.file,
+            source: self.source,
+            graph: &graph,
+            start,
+            steps: &raw.steps.value,
+            trigger_event: raw.trigger.value.event.is_some(),
+            templates_root: &self.templates.root,
+            templates: &self.used_templates,
+        }));
         Some(CompiledFlow {
             id: raw.flow.value.clone(),
             name: raw
@@ -374,31 +388,8 @@ impl<'a> Cx<'a> {
         }
     }
 
-    /// The span of a character inside a scalar, when the scalar sits on one line as written;
-    /// otherwise the scalar itself.
     fn inner_span(&self, value: &Spanned<String>, offset: Option<usize>) -> Span {
-        let Some(offset) = offset else {
-            return value.span;
-        };
-        let s = value.span;
-        if s.start.line != s.end.line {
-            return s;
-        }
-        let line = self
-            .source
-            .lines()
-            .nth(s.start.line as usize - 1)
-            .unwrap_or("");
-        let text: String = line.chars().skip(s.start.col as usize).collect();
-        let skip = if text.starts_with(&value.value) {
-            0
-        } else if text.get(1..).is_some_and(|t| t.starts_with(&value.value)) {
-            1 // quoted
-        } else {
-            return s;
-        };
-        let col = s.start.col + skip + offset as u32;
-        Span::point(s.start.line, col)
+        inner_span(self.source, value, offset)
     }
 
     fn trigger(&mut self, raw: &RawFlow) -> Option<Trigger> {
@@ -1610,6 +1601,37 @@ impl<'a> Cx<'a> {
 }
 
 /// Walk a strongly connected component to spell one cycle through its first step.
+/// The span of a character inside a scalar of `source`, when the scalar sits on one line
+/// as written; otherwise the scalar itself.
+pub(crate) fn inner_span(source: &str, value: &Spanned<String>, offset: Option<usize>) -> Span {
+    let Some(offset) = offset else {
+        return value.span;
+    };
+    let s = value.span;
+    if s.start.line != s.end.line {
+        return s;
+    }
+    let line = source
+        .lines()
+        .nth((s.start.line as usize).saturating_sub(1))
+        .unwrap_or("");
+    let text: String = line.chars().skip(s.start.col as usize).collect();
+    let skip = if text.starts_with(&value.value) {
+        0
+    } else if text
+        .chars()
+        .skip(1)
+        .collect::<String>()
+        .starts_with(&value.value)
+    {
+        1 // quoted
+    } else {
+        return s;
+    };
+    let col = s.start.col + skip + offset as u32;
+    Span::point(s.start.line, col)
+}
+
 /// Step id → the span of what it uses (see [`CompiledFlow::sites`]).
 fn sites(steps: &[Lenient<RawStep>]) -> BTreeMap<String, Span> {
     steps

@@ -59,6 +59,11 @@ pub enum Code {
     ExprReference,
     /// A clock time or window that cannot be read.
     TimeOfDay,
+    /// A `vars.NAME` that no `call` on the way to the step saves (a warning when only some
+    /// paths do).
+    UnsetVar,
+    /// `event` read where the run has no event (a warning when only some paths have one).
+    NoEvent,
     /// A channel not in the catalogue.
     UnknownChannel,
     /// A template file that does not exist.
@@ -107,6 +112,8 @@ impl Code {
         Code::ExprSyntax,
         Code::ExprReference,
         Code::TimeOfDay,
+        Code::UnsetVar,
+        Code::NoEvent,
         Code::UnknownChannel,
         Code::MissingTemplate,
         Code::TemplateSyntax,
@@ -146,6 +153,8 @@ impl Code {
             Code::ExprSyntax => "CNV0304",
             Code::ExprReference => "CNV0305",
             Code::TimeOfDay => "CNV0306",
+            Code::UnsetVar => "CNV0307",
+            Code::NoEvent => "CNV0308",
             Code::UnknownChannel => "CNV0401",
             Code::MissingTemplate => "CNV0402",
             Code::TemplateSyntax => "CNV0403",
@@ -202,9 +211,28 @@ pub struct Related {
     pub message: String,
 }
 
+/// How bad a diagnostic is: an error fails validation, a warning is reported and passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    #[default]
+    Error,
+    Warning,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Diagnostic {
     pub code: Code,
+    pub severity: Severity,
     pub file: PathBuf,
     #[serde(flatten)]
     pub location: Option<Location>,
@@ -222,6 +250,7 @@ impl Diagnostic {
     pub fn new(code: Code, file: &Path, span: Option<Span>, message: impl Into<String>) -> Self {
         Diagnostic {
             code,
+            severity: Severity::Error,
             file: file.to_path_buf(),
             location: span.map(Location::from),
             message: message.into(),
@@ -241,6 +270,16 @@ impl Diagnostic {
         )
         .with_related(file, Some(dup.first), "first written here")
         .with_help("remove one of them; YAML keeps only one")
+    }
+
+    /// The same diagnostic as a warning: reported, but the file stays valid.
+    pub fn warning(mut self) -> Self {
+        self.severity = Severity::Warning;
+        self
+    }
+
+    pub fn is_error(&self) -> bool {
+        self.severity == Severity::Error
     }
 
     pub fn with_help(mut self, help: impl Into<String>) -> Self {
@@ -271,16 +310,18 @@ impl Diagnostic {
     pub fn headline(&self) -> String {
         match self.location {
             Some(l) => format!(
-                "{}:{}:{}: error[{}]: {}",
+                "{}:{}:{}: {}[{}]: {}",
                 self.file.display(),
                 l.line,
                 l.column,
+                self.severity.as_str(),
                 self.code,
                 self.message
             ),
             None => format!(
-                "{}: error[{}]: {}",
+                "{}: {}[{}]: {}",
                 self.file.display(),
+                self.severity.as_str(),
                 self.code,
                 self.message
             ),
@@ -311,7 +352,7 @@ impl Diagnostic {
                 self.code
             ),
         };
-        format!("::error {props}::{}", gh_data(&msg))
+        format!("::{} {props}::{}", self.severity.as_str(), gh_data(&msg))
     }
 }
 
@@ -387,6 +428,7 @@ impl HumanRenderer {
 
 #[derive(Debug)]
 struct Report {
+    severity: Severity,
     headline: String,
     help: Option<String>,
     source: Option<miette::NamedSource<Arc<String>>>,
@@ -413,17 +455,18 @@ impl Report {
                     .with_language("yaml"),
             );
         }
+        let level = d.severity.as_str();
         let headline = match (&src, d.location) {
             (None, Some(l)) => format!(
-                "error[{}]: {}:{}:{}: {}",
+                "{level}[{}]: {}:{}:{}: {}",
                 d.code,
                 d.file.display(),
                 l.line,
                 l.column,
                 d.message
             ),
-            (None, None) => format!("error[{}]: {}: {}", d.code, d.file.display(), d.message),
-            (Some(_), _) => format!("error[{}]: {}", d.code, d.message),
+            (None, None) => format!("{level}[{}]: {}: {}", d.code, d.file.display(), d.message),
+            (Some(_), _) => format!("{level}[{}]: {}", d.code, d.message),
         };
         let related = d
             .related
@@ -440,6 +483,7 @@ impl Report {
             })
             .collect();
         Report {
+            severity: d.severity,
             headline,
             help: d.help.clone(),
             source: src,
@@ -458,6 +502,12 @@ impl fmt::Display for Report {
 impl std::error::Error for Report {}
 
 impl miette::Diagnostic for Report {
+    fn severity(&self) -> Option<miette::Severity> {
+        Some(match self.severity {
+            Severity::Error => miette::Severity::Error,
+            Severity::Warning => miette::Severity::Warning,
+        })
+    }
     fn help<'a>(&'a self) -> Option<Box<dyn fmt::Display + 'a>> {
         let mut parts: Vec<String> = self.related.clone();
         if let Some(h) = &self.help {

@@ -184,7 +184,7 @@ pub fn compile(source: &str, scope: Scope) -> Result<Expr, Vec<ExprIssue>> {
                     syntax: true,
                     offset: line_col_offset(&rewritten, e.pos).map(|o| back(&shifts, o)),
                     message: format!("cannot parse expression: {}", e.msg),
-                    help: None,
+                    help: syntax_hint(source),
                 })
                 .collect());
         }
@@ -204,6 +204,178 @@ pub fn compile(source: &str, scope: Scope) -> Result<Expr, Vec<ExprIssue>> {
         })
     } else {
         Err(checker.issues)
+    }
+}
+
+/// A hint for an expression that does not parse, where a habit from another language is
+/// the likely cause: `=` to compare, `and` / `or` / `not` for `&&` / `||` / `!`.
+fn syntax_hint(source: &str) -> Option<String> {
+    // The text outside string literals, where operators are.
+    let mut code = String::with_capacity(source.len());
+    let mut quote = None;
+    let mut escaped = false;
+    for c in source.chars() {
+        match quote {
+            Some(q) => {
+                if escaped {
+                    escaped = false;
+                } else if c == '\\' {
+                    escaped = true;
+                } else if c == q {
+                    quote = None;
+                }
+                code.push(' ');
+            }
+            None if c == '"' || c == '\'' => {
+                quote = Some(c);
+                code.push(' ');
+            }
+            None => code.push(c),
+        }
+    }
+    let mut hints = Vec::new();
+    let chars: Vec<char> = code.chars().collect();
+    let lone_equals = chars.iter().enumerate().any(|(i, &c)| {
+        c == '='
+            && !matches!(chars.get(i + 1), Some('='))
+            && !matches!(
+                i.checked_sub(1).and_then(|j| chars.get(j)),
+                Some('=' | '!' | '<' | '>')
+            )
+    });
+    if lone_equals {
+        hints.push("compare with `==`, not `=`".to_owned());
+    }
+    let words: Vec<&str> = code
+        .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .collect();
+    for (word, op) in [("and", "&&"), ("or", "||"), ("not", "!")] {
+        if words.contains(&word) {
+            hints.push(format!("CEL writes `{op}` for `{word}`"));
+        }
+    }
+    (!hints.is_empty()).then(|| hints.join("; "))
+}
+
+/// A name an expression reads: `vars.coupon.code` is `["vars", "coupon", "code"]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NameRead {
+    pub path: Vec<String>,
+    /// Characters into the source as written, at the root name.
+    pub offset: Option<usize>,
+    /// Inside `has(…)`: the expression tests whether it is there.
+    pub guarded: bool,
+}
+
+/// Every chain of field selections rooted at `customer`, `event`, `vars`, `flow` or `now`
+/// in `source` (names bound by a macro such as `exists(t, …)` are not roots). Empty when
+/// the expression does not parse; [`compile`] reports that.
+pub fn reads(source: &str) -> Vec<NameRead> {
+    let (rewritten, shifts) = rewrite_durations(source);
+    let Ok(program) = cel::Program::compile(&rewritten) else {
+        return Vec::new();
+    };
+    let info = program.source_info();
+    let mut out = Vec::new();
+    let mut bound = Vec::new();
+    collect_reads(program.expression(), info, &shifts, &mut bound, &mut out);
+    out
+}
+
+fn collect_reads(
+    e: &IdedExpr,
+    info: &cel::common::ast::SourceInfo,
+    shifts: &[(usize, usize)],
+    bound: &mut Vec<String>,
+    out: &mut Vec<NameRead>,
+) {
+    let offset = |e: &IdedExpr| {
+        info.offset_for(e.id)
+            .map(|(start, _)| back(shifts, start as usize))
+    };
+    match &e.expr {
+        Ast::Ident(name) => {
+            if !bound.iter().any(|b| b == name) {
+                out.push(NameRead {
+                    path: vec![name.clone()],
+                    offset: offset(e),
+                    guarded: false,
+                });
+            }
+        }
+        Ast::Select(sel) => {
+            // A chain `root.a.b`: one read; anything else, look inside.
+            let mut fields = vec![sel.field.clone()];
+            let mut guarded = sel.test;
+            let mut ptr = &sel.operand;
+            loop {
+                match &ptr.expr {
+                    Ast::Select(inner) => {
+                        fields.push(inner.field.clone());
+                        guarded |= inner.test;
+                        ptr = &inner.operand;
+                    }
+                    Ast::Ident(root) if !bound.iter().any(|b| b == root) => {
+                        fields.push(root.clone());
+                        fields.reverse();
+                        out.push(NameRead {
+                            path: fields,
+                            offset: offset(ptr),
+                            guarded,
+                        });
+                        return;
+                    }
+                    _ => break,
+                }
+            }
+            collect_reads(&sel.operand, info, shifts, bound, out);
+        }
+        Ast::Call(call) => {
+            if let Some(t) = &call.target {
+                collect_reads(t, info, shifts, bound, out);
+            }
+            for a in &call.args {
+                collect_reads(a, info, shifts, bound, out);
+            }
+        }
+        Ast::Comprehension(c) => {
+            collect_reads(&c.iter_range, info, shifts, bound, out);
+            collect_reads(&c.accu_init, info, shifts, bound, out);
+            let before = bound.len();
+            bound.push(c.iter_var.clone());
+            bound.extend(c.iter_var2.iter().cloned());
+            bound.push(c.accu_var.clone());
+            collect_reads(&c.loop_cond, info, shifts, bound, out);
+            collect_reads(&c.loop_step, info, shifts, bound, out);
+            collect_reads(&c.result, info, shifts, bound, out);
+            bound.truncate(before);
+        }
+        Ast::List(list) => {
+            for item in &list.elements {
+                collect_reads(item, info, shifts, bound, out);
+            }
+        }
+        Ast::Map(map) => {
+            for entry in &map.entries {
+                match &entry.expr {
+                    cel::common::ast::EntryExpr::StructField(f) => {
+                        collect_reads(&f.value, info, shifts, bound, out)
+                    }
+                    cel::common::ast::EntryExpr::MapEntry(m) => {
+                        collect_reads(&m.key, info, shifts, bound, out);
+                        collect_reads(&m.value, info, shifts, bound, out);
+                    }
+                }
+            }
+        }
+        Ast::Struct(st) => {
+            for entry in &st.entries {
+                if let cel::common::ast::EntryExpr::StructField(f) = &entry.expr {
+                    collect_reads(&f.value, info, shifts, bound, out);
+                }
+            }
+        }
+        Ast::Literal(_) | Ast::Unspecified => {}
     }
 }
 
@@ -576,6 +748,50 @@ mod tests {
         assert_eq!(err[0].offset, Some(11));
         let err = compile("customer.a &&", Scope::STEP).expect_err("syntax");
         assert!(err[0].syntax);
+    }
+
+    /// Regression: a CEL parse error gave no hint for the usual slips from other languages.
+    #[test]
+    fn cel_parse_error_hints_at_equals_and_word_operators() {
+        let help = |src: &str| {
+            compile(src, Scope::STEP)
+                .expect_err("does not parse")
+                .into_iter()
+                .find_map(|i| i.help)
+                .unwrap_or_default()
+        };
+        assert!(
+            help("customer.tier = 'gold'").contains("compare with `==`, not `=`"),
+            "{}",
+            help("customer.tier = 'gold'")
+        );
+        let h = help("customer.member and customer.tier == 'gold' or not customer.vip");
+        assert!(h.contains("CEL writes `&&` for `and`"), "{h}");
+        assert!(h.contains("`||` for `or`"), "{h}");
+        assert!(h.contains("`!` for `not`"), "{h}");
+        // Inside a string, a word or a `=` is text.
+        assert_eq!(syntax_hint("x == 'a = b and c'"), None);
+        assert_eq!(syntax_hint("a >= 1 && b != 2 && c <= 3"), None);
+    }
+
+    #[test]
+    fn reads_finds_chains_guards_and_bound_names() {
+        let r = reads(
+            "has(vars.coupon) && vars.coupon.amount > 2 && now - 2d < now && customer.tags.exists(t, t == vars.tag)",
+        );
+        let paths: Vec<(String, bool)> = r.iter().map(|n| (n.path.join("."), n.guarded)).collect();
+        assert_eq!(
+            paths,
+            vec![
+                ("vars.coupon".to_owned(), true),
+                ("vars.coupon.amount".to_owned(), false),
+                ("now".to_owned(), false),
+                ("now".to_owned(), false),
+                ("customer.tags".to_owned(), false),
+                ("vars.tag".to_owned(), false),
+            ]
+        );
+        assert_eq!(r[1].offset, Some(20));
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod registry;
 pub mod render;
 pub mod schema;
 pub mod schema_types;
+mod scope;
 pub mod sms;
 pub mod template;
 pub mod yaml;

@@ -57,8 +57,17 @@ pub struct Validation {
 }
 
 impl Validation {
+    /// No errors (warnings may be there).
     pub fn is_valid(&self) -> bool {
-        self.diagnostics.is_empty()
+        !self.diagnostics.iter().any(Diagnostic::is_error)
+    }
+
+    pub fn errors(&self) -> usize {
+        self.diagnostics.iter().filter(|d| d.is_error()).count()
+    }
+
+    pub fn warnings(&self) -> usize {
+        self.diagnostics.len() - self.errors()
     }
 
     pub fn flows(&self) -> impl Iterator<Item = &CompiledFlow> {
@@ -189,12 +198,12 @@ pub fn validate_files(files: &[PathBuf], registry: &Registry) -> Validation {
         }
         let errors = diagnostics
             .iter()
-            .filter(|d| d.file == compiled.file)
+            .filter(|d| d.file == compiled.file && d.is_error())
             .count();
-        let flow = if diagnostics.is_empty() {
-            compiled.flow
-        } else {
+        let flow = if diagnostics.iter().any(Diagnostic::is_error) {
             None
+        } else {
+            compiled.flow
         };
         for d in &diagnostics {
             if !validation.sources.contains_key(&d.file) {
@@ -272,7 +281,7 @@ fn compile_file(
     let compiled = compile(path, &text, registry, templates);
     tracing::debug!(
         file = %path.display(),
-        valid = compiled.diagnostics.is_empty(),
+        valid = !compiled.diagnostics.iter().any(Diagnostic::is_error),
         diagnostics = compiled.diagnostics.len(),
         "compiled flow file"
     );

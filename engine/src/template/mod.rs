@@ -5,6 +5,7 @@
 
 mod bounds;
 mod includes;
+mod reads;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ pub use bounds::{
 };
 use includes::references;
 pub use includes::{MAX_INCLUDE_DEPTH, include_name_problem};
+pub use reads::{TemplateRead, reads};
 
 /// Names a template may use: `{{ customer.first_name }}`.
 pub const TEMPLATE_ROOTS: &[&str] = &["customer", "event", "vars", "flow", "now"];
