@@ -131,6 +131,9 @@ fn load_flows(dir: &Path, registry: &Registry) -> anyhow::Result<FlowSet> {
         return Err(config::describe(&validation.diagnostics)
             .context(format!("{} has errors", dir.display())));
     }
+    for d in &validation.diagnostics {
+        tracing::warn!(code = %d.code, "{}", d.headline());
+    }
     Ok(FlowSet::new(validation.flows().cloned()))
 }
 
