@@ -151,15 +151,19 @@ pub(crate) fn compile(name: &str, source: &str) -> Result<(), String> {
     env.add_template_owned(name.to_owned(), source.to_owned())
         .map_err(|e| e.to_string())?;
     let tmpl = env.get_template(name).map_err(|e| e.to_string())?;
-    check_names(&tmpl.undeclared_variables(false))
+    check_names(&env, &tmpl.undeclared_variables(false))
 }
 
-/// Every name in `used` must be one of [`GATEWAY_VARIABLES`].
-pub(crate) fn check_names(used: &std::collections::HashSet<String>) -> Result<(), String> {
+/// Every name in `used` must be one of [`GATEWAY_VARIABLES`] or a global of `env` (a
+/// function such as `range` or `dict`).
+pub(crate) fn check_names(
+    env: &Environment<'_>,
+    used: &std::collections::HashSet<String>,
+) -> Result<(), String> {
     let mut unknown: Vec<&str> = used
         .iter()
         .map(String::as_str)
-        .filter(|v| !GATEWAY_VARIABLES.contains(v))
+        .filter(|v| !GATEWAY_VARIABLES.contains(v) && !env.globals().any(|(g, _)| g == *v))
         .collect();
     unknown.sort_unstable();
     match unknown.first() {
@@ -498,6 +502,19 @@ fn cause(e: &reqwest::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn gateway_templates_may_use_their_variables_and_builtins_only() {
+        assert_eq!(
+            super::compile(
+                "body",
+                "{% for i in range(2) %}{{ to }}{% endfor %}{{ dict(a=text) | tojson }}"
+            ),
+            Ok(())
+        );
+        let e = super::compile("body", "{{ too }}").expect_err("a typo");
+        assert!(e.starts_with("unknown name `too`"), "{e}");
+    }
+
     use super::*;
 
     #[test]

@@ -100,7 +100,7 @@ impl UrlTemplate {
         env.add_template_owned("url", url.to_owned())
             .map_err(|e| format!("`url`: {e}"))?;
         let tmpl = env.get_template("url").map_err(|e| format!("`url`: {e}"))?;
-        crate::http::check_names(&tmpl.undeclared_variables(false))
+        crate::http::check_names(&env, &tmpl.undeclared_variables(false))
             .map_err(|e| format!("`url`: {e}"))?;
         Ok(UrlTemplate {
             fixed: fixed.to_owned(),
