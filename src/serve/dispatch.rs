@@ -6,7 +6,10 @@
 //! result was recorded) is recognisable by the provider.
 //!
 //! A `call` row's response is fed back into the inbox as the run's call result before the
-//! row is marked sent; a call that fails for good answers the run with `{"error": …}`.
+//! row is marked sent; a call that fails for good (or would be retried past its step's
+//! `timeout`) is fed back as a failed call result carrying the last error. A message that
+//! is dead-lettered is fed back as a failed delivery, so its `send` step can fall back to
+//! the next channel of its list.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -16,7 +19,7 @@ use canvas_channels::{Channels, Delivered, DeliveryError, Message, MessageKind};
 use canvas_engine::flow::StepKind;
 use canvas_engine::runtime::FlowSet;
 use canvas_engine::state::{
-    CallResult, Delivery, DeliveryOutcome, InboxItem, OutboxKind, OutboxRow, Time,
+    CallResult, Delivery, DeliveryFailure, DeliveryOutcome, InboxItem, OutboxKind, OutboxRow, Time,
 };
 use canvas_engine::store::Store;
 use sha2::{Digest, Sha256};
@@ -326,19 +329,20 @@ fn record(
     let now = app.clock.now();
     let key = d.row.key.clone();
     let attempts = d.attempts.saturating_add(1);
-    let answer = |response: serde_json::Value| {
+    let answer = |response: serde_json::Value, error: Option<String>| {
         InboxItem::CallResult(CallResult {
             run_id: d.row.run_id.clone(),
             customer_id: d.row.customer_id.clone(),
             step: d.row.step.clone(),
             response,
+            error,
             at: now,
         })
     };
     let status = match result {
         Ok(delivered) => {
             if d.row.kind == OutboxKind::Call {
-                answers.push(answer(delivered.response.unwrap_or_default()));
+                answers.push(answer(delivered.response.unwrap_or_default(), None));
             }
             outcomes.push(DeliveryOutcome::Sent { key, at: now });
             "sent"
@@ -355,7 +359,7 @@ fn record(
         }
         Err(e) => {
             // Stored, logged and fed back to a waiting call: never with a URL's secrets.
-            let reason = canvas_engine::store::redact(&e.reason()).into_owned();
+            let mut reason = canvas_engine::store::redact(&e.reason()).into_owned();
             let wait = if e.is_retryable() {
                 let retry = channels
                     .retry_config(&d.row.channel)
@@ -366,21 +370,47 @@ fn record(
             } else {
                 None
             };
-            match wait {
-                Some(wait) => {
+            let next_attempt_at =
+                wait.map(|w| now + chrono::Duration::from_std(w).unwrap_or(chrono::Duration::MAX));
+            // A call's own `timeout`: nobody waits for an answer past it, so no retry is
+            // scheduled after it (the run's timer has given up on the call by then).
+            let next_attempt_at = match (next_attempt_at, call_deadline(&d.row)) {
+                (Some(next), Some(deadline)) if next > deadline => {
+                    reason = format!("{reason} (no retry: past the call's timeout)");
+                    None
+                }
+                (next, _) => next,
+            };
+            match next_attempt_at {
+                Some(next_attempt_at) => {
                     outcomes.push(DeliveryOutcome::Retry {
                         key,
                         attempts,
-                        next_attempt_at: now
-                            + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX),
+                        next_attempt_at,
                         error: reason,
                     });
                     "retry"
                 }
                 None => {
                     tracing::warn!(key = %d.row.key, channel = %d.row.channel, attempts, "dead-lettered: {reason}");
-                    if d.row.kind == OutboxKind::Call {
-                        answers.push(answer(serde_json::json!({ "error": reason })));
+                    match d.row.kind {
+                        OutboxKind::Call => {
+                            answers.push(answer(serde_json::Value::Null, Some(reason.clone())));
+                        }
+                        // The step that sent it falls back to its next channel, if any.
+                        OutboxKind::Message => {
+                            answers.push(InboxItem::DeliveryFailed(DeliveryFailure {
+                                run_id: d.row.run_id.clone(),
+                                customer_id: d.row.customer_id.clone(),
+                                step: d.row.step.clone(),
+                                channel: d.row.channel.clone(),
+                                key: d.row.key.clone(),
+                                error: reason.clone(),
+                                sent_at: d.row.created_at,
+                                at: now,
+                            }));
+                        }
+                        OutboxKind::Task => {}
                     }
                     outcomes.push(DeliveryOutcome::Dead {
                         key,
@@ -402,7 +432,18 @@ fn record(
         .inc();
 }
 
-/// Record results: call answers into the inbox first (deduplicated by call key, so a repeat
+/// A call row's `deadline` (its step's `timeout`, from when the call was made).
+fn call_deadline(row: &OutboxRow) -> Option<Time> {
+    if row.kind != OutboxKind::Call {
+        return None;
+    }
+    let text = row.payload.get("deadline")?.as_str()?;
+    chrono::DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.with_timezone(&chrono::Utc))
+}
+
+/// Record results: call answers and failed deliveries into the inbox first (deduplicated by call key, so a repeat
 /// after a crash is harmless), then the rows' new states. A failure keeps them for the next
 /// try; the leases keep other daemons off the rows meanwhile.
 async fn settle(app: &App, outcomes: &mut Vec<DeliveryOutcome>, answers: &mut Vec<InboxItem>) {
