@@ -71,12 +71,11 @@ impl Exec<'_, '_> {
             return;
         };
         let transactional = *priority == crate::model::Priority::Transactional;
-        // The step's own mark (from the send that failed) is not counted twice.
-        let mark = self
-            .customer
-            .sends
-            .iter()
-            .position(|m| m.at == f.sent_at && m.channel == f.channel);
+        // The step's own mark (from the send that failed) is not counted twice. The outbox
+        // keeps times to the millisecond, the mark to the nanosecond.
+        let mark = self.customer.sends.iter().position(|m| {
+            m.at.timestamp_millis() == f.sent_at.timestamp_millis() && m.channel == f.channel
+        });
         let mut others = self.customer.sends.clone();
         if let Some(i) = mark {
             others.remove(i);
