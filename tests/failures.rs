@@ -6,7 +6,9 @@
 //!   run ends with outcome `error`;
 //! - a WeChat gateway that rejects (400) a `send: [wechat, sms]`: the SMS gateway gets the
 //!   message, under its own idempotency key, the history shows the failed attempt and the
-//!   fallback, and the customer's cap counts the step once.
+//!   fallback, and the customer's cap counts the step once;
+//! - a call with `timeout: 1s` to a webhook that answers after 4 s: the run gives up at 1 s
+//!   (`failed`, outcome `error`), and the late answer is recorded without moving the run.
 
 #![allow(clippy::unwrap_used)]
 
@@ -43,6 +45,10 @@ async fn receive(
         "sms" => (StatusCode::OK, "{}").into_response(),
         "wechat" => (StatusCode::BAD_REQUEST, "invalid openid").into_response(),
         "coupons" => (StatusCode::INTERNAL_SERVER_ERROR, "coupon db down").into_response(),
+        "slow" => {
+            tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+            axum::Json(json!({ "code": "C-LATE" })).into_response()
+        }
         _ => (StatusCode::NOT_FOUND, "").into_response(),
     }
 }
@@ -76,6 +82,23 @@ steps:
     priority: transactional
 ";
 
+const SLOW: &str = "flow: slow
+name: Slow coupon
+timezone: UTC
+trigger:
+  event: asked-slow
+steps:
+  - id: issue
+    call:
+      webhook: slow-coupons
+      save_as: gift
+      timeout: 1s
+  - id: tell
+    send: sms
+    template: w/gift
+    priority: transactional
+";
+
 const NUDGE: &str = "flow: nudge
 name: Nudge
 timezone: UTC
@@ -103,6 +126,10 @@ fn config(gw: &str) -> String {
     url: {gw}/coupons
     timeout: 2s
     retry: {{ max_attempts: 3, base: 50ms, max: 100ms }}
+  slow-coupons:
+    type: webhook
+    url: {gw}/slow
+    timeout: 10s
 "
     )
 }
@@ -113,12 +140,17 @@ fn flows_dir(dir: &std::path::Path, gw: &str) -> std::path::PathBuf {
     write_flows(&flows, &config(gw));
     std::fs::write(flows.join("coupon.yaml"), COUPON).unwrap();
     std::fs::write(flows.join("nudge.yaml"), NUDGE).unwrap();
+    std::fs::write(flows.join("slow.yaml"), SLOW).unwrap();
     std::fs::write(
         flows.join("templates/w/gift.txt"),
         "Your voucher: {{ vars.gift.code }}\n",
     )
     .unwrap();
-    std::fs::write(flows.join("templates/w/nudge.txt"), "Still thinking it over?\n").unwrap();
+    std::fs::write(
+        flows.join("templates/w/nudge.txt"),
+        "Still thinking it over?\n",
+    )
+    .unwrap();
     flows
 }
 
@@ -177,6 +209,41 @@ async fn failed_call_is_not_answered(d: &Daemon, state: &Shared) {
     assert_eq!(r.iter().filter(|(p, _, _)| p == "coupons").count(), 3);
 }
 
+async fn call_timeout_bounds_the_wait(d: &Daemon, state: &Shared) {
+    let started = std::time::Instant::now();
+    enrol(d, "c3", json!({ "phone": "+8613800000003" }), "asked-slow").await;
+    let url = format!("{}/v1/customers/c3/journeys", d.base);
+    let j = until(&url, |j| j["journeys"][0]["status"] == json!("ended")).await;
+    // The webhook answers after 4 s; the run gave up at its 1 s timeout.
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(3500),
+        "the run waited {:?}",
+        started.elapsed()
+    );
+    let journey = &j["journeys"][0];
+    assert_eq!(journey["where"]["outcome"], json!("error"), "{journey}");
+    assert_eq!(actions(journey), ["called", "failed"], "{journey}");
+    let failed = &journey["history"][1]["detail"];
+    assert_eq!(failed["timeout"], json!(true), "{failed}");
+    assert_eq!(failed["error"], json!("no answer within 1s"));
+    // The answer comes after all: recorded, and the run does not move.
+    let j = until(&url, |j| {
+        j["journeys"][0]["history"]
+            .as_array()
+            .is_some_and(|h| h.len() == 3)
+    })
+    .await;
+    let journey = &j["journeys"][0];
+    assert_eq!(actions(journey), ["called", "failed", "late"], "{journey}");
+    assert_eq!(journey["where"]["outcome"], json!("error"));
+    let r = state.lock().unwrap();
+    assert!(
+        r.iter()
+            .all(|(p, _, b)| p != "sms" || b["customer_id"] != json!("c3")),
+        "no SMS for c3: {r:?}"
+    );
+}
+
 async fn dead_wechat_falls_back_to_sms(d: &Daemon, state: &Shared, peek: &Peek) {
     enrol(
         d,
@@ -186,9 +253,10 @@ async fn dead_wechat_falls_back_to_sms(d: &Daemon, state: &Shared, peek: &Peek) 
     )
     .await;
     let j = until(&format!("{}/v1/customers/c2/journeys", d.base), |j| {
-        j["journeys"][0]["deliveries"]
-            .as_array()
-            .is_some_and(|ds| ds.iter().any(|x| x["channel"] == json!("sms") && x["status"] == json!("sent")))
+        j["journeys"][0]["deliveries"].as_array().is_some_and(|ds| {
+            ds.iter()
+                .any(|x| x["channel"] == json!("sms") && x["status"] == json!("sent"))
+        })
     })
     .await;
     let journey = &j["journeys"][0];
@@ -229,7 +297,10 @@ async fn dead_wechat_falls_back_to_sms(d: &Daemon, state: &Shared, peek: &Peek) 
         assert_eq!(wechat[0].1, "nudge/c2/1/hello");
         assert_eq!(sms[0].1, "nudge/c2/1/hello/sms", "its own idempotency key");
         assert_eq!(sms[0].2["address"], json!("+8613800000002"));
-        assert_eq!(sms[0].2["content"]["text"], json!("Still thinking it over?\n"));
+        assert_eq!(
+            sms[0].2["content"]["text"],
+            json!("Still thinking it over?\n")
+        );
     }
     // The step counts against the caps once, on the channel that carried it.
     let sends = peek
@@ -254,6 +325,7 @@ async fn failed_call_and_dead_wechat_fallback_sqlite() {
     let url = format!("sqlite://{}", db.display());
     let d = Daemon::spawn(flows, &url, &[], None);
     failed_call_is_not_answered(&d, &state).await;
+    call_timeout_bounds_the_wait(&d, &state).await;
     let peek = Peek::connect(&url).await;
     dead_wechat_falls_back_to_sms(&d, &state, &peek).await;
     peek.close().await;
@@ -268,6 +340,7 @@ async fn failed_call_and_dead_wechat_fallback_postgres() {
     let db = FreshDb::create(&pg_base(), "canvas_failures").await;
     let d = Daemon::spawn(flows, &db.url, &[], None);
     failed_call_is_not_answered(&d, &state).await;
+    call_timeout_bounds_the_wait(&d, &state).await;
     let peek = Peek::connect(&db.url).await;
     dead_wechat_falls_back_to_sms(&d, &state, &peek).await;
     peek.close().await;

@@ -1487,20 +1487,14 @@ impl<'a> Cx<'a> {
             }
             None => raw.id.value.replace('-', "_"),
         };
+        // The longest the run waits for the answer, retries included (zero is refused by
+        // the duration parser).
         let timeout = match &c.timeout {
-            Some(t) => match self.duration(t) {
-                Some(d) if d.as_secs() == 0 => {
-                    self.error(Code::Duration, t.span, "a call's `timeout` must be longer than zero")
-                        .help = Some("e.g. `30s` or `1h`: the longest the run waits for the answer, retries included".to_owned());
-                    ok = false;
-                    None
-                }
-                Some(d) => Some(d),
-                None => {
-                    ok = false;
-                    None
-                }
-            },
+            Some(t) => {
+                let d = self.duration(t);
+                ok &= d.is_some();
+                d
+            }
             None => None,
         };
         let on_error = match &raw.on_error {
