@@ -372,15 +372,7 @@ fn record(
             };
             let next_attempt_at =
                 wait.map(|w| now + chrono::Duration::from_std(w).unwrap_or(chrono::Duration::MAX));
-            // A call's own `timeout`: nobody waits for an answer past it, so no retry is
-            // scheduled after it (the run's timer has given up on the call by then).
-            let next_attempt_at = match (next_attempt_at, call_deadline(&d.row)) {
-                (Some(next), Some(deadline)) if next > deadline => {
-                    reason = format!("{reason} (no retry: past the call's timeout)");
-                    None
-                }
-                (next, _) => next,
-            };
+            let next_attempt_at = within_deadline(next_attempt_at, &d.row, &mut reason);
             match next_attempt_at {
                 Some(next_attempt_at) => {
                     outcomes.push(DeliveryOutcome::Retry {
@@ -432,6 +424,19 @@ fn record(
         .inc();
 }
 
+/// A call's own `timeout`: nobody waits for an answer past it, so no retry is scheduled
+/// after it (the run's timer has given up on the call by then): the row is dead instead,
+/// and the reason says so.
+fn within_deadline(next: Option<Time>, row: &OutboxRow, reason: &mut String) -> Option<Time> {
+    match (next, call_deadline(row)) {
+        (Some(next), Some(deadline)) if next > deadline => {
+            reason.push_str(" (no retry: past the call's timeout)");
+            None
+        }
+        (next, _) => next,
+    }
+}
+
 /// A call row's `deadline` (its step's `timeout`, from when the call was made).
 fn call_deadline(row: &OutboxRow) -> Option<Time> {
     if row.kind != OutboxKind::Call {
@@ -471,6 +476,42 @@ async fn settle(app: &App, outcomes: &mut Vec<DeliveryOutcome>, answers: &mut Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn call_row(payload: serde_json::Value) -> OutboxRow {
+        OutboxRow {
+            key: "coupon/c1/1/issue".into(),
+            kind: OutboxKind::Call,
+            run_id: "coupon/c1/1".into(),
+            flow: "coupon".into(),
+            customer_id: "c1".into(),
+            step: "issue".into(),
+            channel: "coupons".into(),
+            address: None,
+            template: None,
+            payload,
+            transactional: true,
+            created_at: chrono::DateTime::from_timestamp(1_767_225_600, 0).unwrap(),
+        }
+    }
+
+    #[test]
+    fn call_retries_never_go_past_the_call_timeout() {
+        let t0 = chrono::DateTime::from_timestamp(1_767_225_600, 0).unwrap();
+        let row = call_row(
+            serde_json::json!({ "deadline": (t0 + chrono::Duration::seconds(60)).to_rfc3339() }),
+        );
+        let mut reason = "HTTP 500".to_owned();
+        let early = Some(t0 + chrono::Duration::seconds(30));
+        assert_eq!(within_deadline(early, &row, &mut reason), early);
+        assert_eq!(reason, "HTTP 500");
+        let late = Some(t0 + chrono::Duration::seconds(61));
+        assert_eq!(within_deadline(late, &row, &mut reason), None);
+        assert_eq!(reason, "HTTP 500 (no retry: past the call's timeout)");
+        // Without a timeout, the channel's retry policy decides alone.
+        let row = call_row(serde_json::json!({ "webhook": "coupons" }));
+        let mut reason = "HTTP 500".to_owned();
+        assert_eq!(within_deadline(late, &row, &mut reason), late);
+    }
 
     #[test]
     fn jitter_is_a_fraction_and_varies() {
