@@ -316,34 +316,90 @@ async fn dead_wechat_falls_back_to_sms(d: &Daemon, state: &Shared, peek: &Peek) 
     assert_eq!(channels, ["sms"], "{sends}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failed_call_and_dead_wechat_fallback_sqlite() {
-    let (gw, state) = gateways().await;
-    let dir = tempfile::tempdir().unwrap();
-    let flows = flows_dir(dir.path(), &gw);
-    let db = dir.path().join("canvas.db");
-    let url = format!("sqlite://{}", db.display());
-    let d = Daemon::spawn(flows, &url, &[], None);
-    failed_call_is_not_answered(&d, &state).await;
-    call_timeout_bounds_the_wait(&d, &state).await;
-    let peek = Peek::connect(&url).await;
-    dead_wechat_falls_back_to_sms(&d, &state, &peek).await;
-    peek.close().await;
-    assert!(d.terminate().success());
+/// A daemon on a fresh database of one backend, with the test's gateways.
+struct Env {
+    d: Daemon,
+    state: Shared,
+    url: String,
+    pg: Option<FreshDb>,
+    _dir: tempfile::TempDir,
+}
+
+impl Env {
+    async fn start(postgres: Option<&str>) -> Env {
+        let (gw, state) = gateways().await;
+        let dir = tempfile::tempdir().unwrap();
+        let flows = flows_dir(dir.path(), &gw);
+        let (url, pg) = match postgres {
+            Some(prefix) => {
+                let db = FreshDb::create(&pg_base(), prefix).await;
+                (db.url.clone(), Some(db))
+            }
+            None => (
+                format!("sqlite://{}", dir.path().join("canvas.db").display()),
+                None,
+            ),
+        };
+        let d = Daemon::spawn(flows, &url, &[], None);
+        Env {
+            d,
+            state,
+            url,
+            pg,
+            _dir: dir,
+        }
+    }
+
+    async fn stop(self) {
+        assert!(self.d.terminate().success());
+        if let Some(db) = self.pg {
+            db.drop_it().await;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failed_call_and_dead_wechat_fallback_postgres() {
-    let (gw, state) = gateways().await;
-    let dir = tempfile::tempdir().unwrap();
-    let flows = flows_dir(dir.path(), &gw);
-    let db = FreshDb::create(&pg_base(), "canvas_failures").await;
-    let d = Daemon::spawn(flows, &db.url, &[], None);
-    failed_call_is_not_answered(&d, &state).await;
-    call_timeout_bounds_the_wait(&d, &state).await;
-    let peek = Peek::connect(&db.url).await;
-    dead_wechat_falls_back_to_sms(&d, &state, &peek).await;
+async fn failed_call_is_not_answered_sqlite() {
+    let e = Env::start(None).await;
+    failed_call_is_not_answered(&e.d, &e.state).await;
+    e.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_call_is_not_answered_postgres() {
+    let e = Env::start(Some("canvas_failed_call")).await;
+    failed_call_is_not_answered(&e.d, &e.state).await;
+    e.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_timeout_bounds_the_wait_sqlite() {
+    let e = Env::start(None).await;
+    call_timeout_bounds_the_wait(&e.d, &e.state).await;
+    e.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_timeout_bounds_the_wait_postgres() {
+    let e = Env::start(Some("canvas_call_timeout")).await;
+    call_timeout_bounds_the_wait(&e.d, &e.state).await;
+    e.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_wechat_falls_back_to_sms_sqlite() {
+    let e = Env::start(None).await;
+    let peek = Peek::connect(&e.url).await;
+    dead_wechat_falls_back_to_sms(&e.d, &e.state, &peek).await;
     peek.close().await;
-    assert!(d.terminate().success());
-    db.drop_it().await;
+    e.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_wechat_falls_back_to_sms_postgres() {
+    let e = Env::start(Some("canvas_fallback")).await;
+    let peek = Peek::connect(&e.url).await;
+    dead_wechat_falls_back_to_sms(&e.d, &e.state, &peek).await;
+    peek.close().await;
+    e.stop().await;
 }
