@@ -11,7 +11,8 @@
 //!
 //! No fallback is sent (the history says why): when the step says `fallback: address`, when
 //! no later channel reaches the customer, when the run left the journey by an exit rule or
-//! an opt-out, or when caps or quiet hours would hold the fallback back now.
+//! an opt-out or ended at its goal, or when caps or quiet hours would hold the fallback back
+//! now.
 
 use serde_json::json;
 
@@ -57,6 +58,9 @@ impl Exec<'_, '_> {
             || self.run.outcome.as_deref() == Some("exited")
         {
             Some("the customer left the journey".to_owned())
+        } else if self.run.outcome.as_deref() == Some("goal") {
+            // `goal: { exit: true }`: what the step said no longer applies.
+            Some("the run reached its goal and ended".to_owned())
         } else {
             None
         };
