@@ -451,6 +451,36 @@ fn fallback_without_an_address_on_the_next_channel_is_recorded_not_sent() {
     assert!(tr.outbox.is_empty());
 }
 
+#[test]
+fn fallback_is_not_sent_after_the_customer_opted_out() {
+    let flows = flows();
+    let f = flow(&flows, "nudge");
+    let policy = Policy::default();
+    let mut c = customer(
+        "c1",
+        json!({ "wechat_id": "wx-1", "phone": "+8613800000001" }),
+    );
+    let ev = event("browsed", "c1", at(0));
+    let mut run = executor::new_run(f, "c1", 0, Some(&ev), at(0));
+    let tr = apply(f, &policy, &mut run, &mut c, Input::Start, at(0));
+    c.unsubscribed_at = Some(at(1));
+    let failure = dead(&tr.outbox[0], at(2));
+    let tr = apply(
+        f,
+        &policy,
+        &mut run,
+        &mut c,
+        Input::DeliveryFailed(&failure),
+        at(2),
+    );
+    assert_eq!(actions(&tr), ["failed"]);
+    assert_eq!(
+        tr.history[0].detail["no_fallback"],
+        json!("the customer left the journey")
+    );
+    assert!(tr.outbox.is_empty());
+}
+
 // ---- through the inbox, on SQLite and on Postgres -----------------------------------------
 
 fn runtime(db: Arc<Database>) -> Runtime<Database> {
