@@ -284,9 +284,9 @@ fn describe(h: &HistoryEntry, outbox: &[OutboxRow], offset: chrono::FixedOffset)
     };
     match h.action.as_str() {
         "sent" => {
-            let row = outbox
-                .iter()
-                .find(|o| o.run_id == h.run_id && o.step == h.step);
+            // The step's own message (a fallback has a key of its own, `RUN/STEP/CHANNEL`).
+            let key = format!("{}/{}", h.run_id, h.step);
+            let row = outbox.iter().find(|o| o.key == key);
             let to = row
                 .and_then(|r| r.address.clone())
                 .map(|a| format!(" to {a}"))
@@ -324,6 +324,47 @@ fn describe(h: &HistoryEntry, outbox: &[OutboxRow], offset: chrono::FixedOffset)
         ),
         "called" => format!("{} (waiting for the response)", s("webhook")),
         "answered" => format!("response saved as vars.{}", s("save_as")),
+        // A dead call, or a dead delivery of a send.
+        "failed" => match d.get("webhook").and_then(|v| v.as_str()) {
+            Some(webhook) => {
+                let then = match d.get("next").and_then(|v| v.as_str()) {
+                    Some(next) => format!("; → {next}"),
+                    None => format!("; end: {}", s("outcome")),
+                };
+                format!("call {webhook} failed: {}{then}", s("error"))
+            }
+            None => {
+                let then = match (
+                    d.get("fallback").and_then(|v| v.as_str()),
+                    d.get("no_fallback").and_then(|v| v.as_str()),
+                ) {
+                    (Some(channel), _) => format!("; falling back to {channel}"),
+                    (None, Some(why)) => format!("; no fallback: {why}"),
+                    (None, None) => String::new(),
+                };
+                format!(
+                    "{} {} not delivered: {}{then}",
+                    s("channel"),
+                    s("template"),
+                    s("error")
+                )
+            }
+        },
+        "fallback" => {
+            let to = outbox
+                .iter()
+                .find(|o| o.key == s("key"))
+                .and_then(|r| r.address.clone())
+                .map(|a| format!(" to {a}"))
+                .unwrap_or_default();
+            format!(
+                "{} {}{to} (instead of {})",
+                s("channel"),
+                s("template"),
+                s("from")
+            )
+        }
+        "late" => format!("answer came too late: {}", s("ignored")),
         "task" => format!("for {}, due {}", s("assign"), time("due_at")),
         "updated" => "profile updated".to_owned(),
         "exit" => d

@@ -308,3 +308,81 @@ fn an_included_template_is_part_of_the_version() {
         "a footer edit is a new version"
     );
 }
+
+#[test]
+fn graph_draws_a_calls_error_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = dir.path().join("templates");
+    std::fs::create_dir_all(&t).expect("mkdir");
+    std::fs::write(t.join("hi.txt"), "Hi").expect("write");
+    let flow = dir.path().join("errs.yaml");
+    std::fs::write(
+        &flow,
+        "flow: errs\ntrigger:\n  event: order_paid\nsteps:\n  - id: issue\n    call: { webhook: coupons, timeout: 2h }\n    on_error: sorry\n    next: hi\n  - id: sorry\n    exit: no_coupon\n  - id: hi\n    send: sms\n    template: hi\n  - id: strict\n    call: { webhook: coupons }\n",
+    )
+    .expect("write");
+    // `strict` is unreachable: point `hi` at it.
+    let text = std::fs::read_to_string(&flow).expect("read");
+    std::fs::write(
+        &flow,
+        text.replace("template: hi\n", "template: hi\n    next: strict\n"),
+    )
+    .expect("write");
+    let out = canvas(&["graph", flow.to_str().expect("utf8")]);
+    let text = stdout(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "s0 -->|\"error\"| s1",
+        "s0 --> s2",
+        "within 2h",
+        "s3 -->|\"error\"| end_error",
+    ] {
+        assert!(text.contains(want), "missing `{want}` in\n{text}");
+    }
+}
+
+#[test]
+fn a_badly_scripted_failing_call_is_a_clear_error_at_its_position() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for entry in std::fs::read_dir("flows").expect("flows") {
+        let p = entry.expect("entry").path();
+        if p.is_file() {
+            std::fs::copy(&p, dir.path().join(p.file_name().expect("name"))).expect("copy");
+        }
+    }
+    copy_dir("flows/templates", &dir.path().join("templates"));
+    let test = dir.path().join("stamp-card.test.yaml");
+    let text = std::fs::read_to_string(&test).expect("read");
+    let bad = text.replace(
+        "coupon-service: { code: STAMP-7Q2K, min_spend: 99 }",
+        "coupon-service: { fail: 200 }",
+    );
+    assert_ne!(bad, text, "the shipped test scripts the coupon service");
+    std::fs::write(&test, bad).expect("write");
+    let out = canvas(&["test", test.to_str().expect("utf8")]);
+    let all = format!("{}{}", stdout(&out), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(2), "{all}");
+    assert!(
+        all.contains("stamp-card.test.yaml:")
+            && all.contains("`fail: 200` is not an HTTP error status"),
+        "{all}"
+    );
+}
+
+fn copy_dir(from: &str, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("dir") {
+        let p = entry.expect("entry").path();
+        let dest = to.join(p.file_name().expect("name"));
+        if p.is_dir() {
+            copy_dir(p.to_str().expect("utf8"), &dest);
+        } else {
+            std::fs::copy(&p, &dest).expect("copy");
+        }
+    }
+}

@@ -16,10 +16,10 @@ use crate::diagnostic::{Code, Diagnostic, did_you_mean, quote_all, quote_list};
 use crate::duration::{Duration, TimeOfDay};
 use crate::expr::{self, Expr, Scope};
 use crate::flow::{
-    CompiledFlow, Edge, Entry, ExitRule, FlowHash, Goal, Schedule, SplitArm, Step, StepKind,
-    Target, Trigger, Wait,
+    CompiledFlow, Edge, Entry, ExitRule, Fallback, FlowHash, Goal, Schedule, SplitArm, Step,
+    StepKind, Target, Trigger, Wait,
 };
-use crate::model::{Priority, RawArm, RawFlow, RawStep, RawWait};
+use crate::model::{FallbackMode, Priority, RawArm, RawFlow, RawStep, RawWait};
 use crate::registry::Registry;
 use crate::template::{self, Checked, IssueKind, Resolution, TemplateDir, TemplateFile};
 use crate::yaml::{self, Limits, Span, Value};
@@ -829,6 +829,18 @@ impl<'a> Cx<'a> {
             "`on_timeout` goes with `wait: { event: …, timeout: … }`",
         );
         self.misplaced(
+            raw.on_error.as_ref(),
+            "on_error",
+            kind == "call",
+            "`on_error` goes with `call`: the step to run when the call fails",
+        );
+        self.misplaced(
+            raw.fallback.as_ref(),
+            "fallback",
+            kind == "send",
+            "`fallback` goes with `send: [CHANNEL, …]`",
+        );
+        self.misplaced(
             raw.with.as_ref(),
             "with",
             kind == "use",
@@ -925,6 +937,23 @@ impl<'a> Cx<'a> {
         } else {
             BTreeMap::new()
         };
+        if let Some(f) = &raw.fallback
+            && channels.len() < 2
+        {
+            self.error(
+                Code::Misplaced,
+                f.span,
+                "`fallback` does not apply to a single channel",
+            )
+            .help = Some(
+                "list the channels to fall back through, e.g. `send: [wechat, sms]`".to_owned(),
+            );
+            ok = false;
+        }
+        let fallback = match raw.fallback.as_ref().map(|f| f.value) {
+            None | Some(FallbackMode::Failure) => Fallback::Failure,
+            Some(FallbackMode::Address) => Fallback::Address,
+        };
         let next = self.next(raw, ids, following, pos, edges)?;
         ok.then(|| StepKind::Send {
             channels,
@@ -934,6 +963,7 @@ impl<'a> Cx<'a> {
                 .priority
                 .as_ref()
                 .map_or(Priority::Marketing, |p| p.value),
+            fallback,
             next,
         })
     }
@@ -1449,11 +1479,34 @@ impl<'a> Cx<'a> {
             }
             None => raw.id.value.replace('-', "_"),
         };
+        // The longest the run waits for the answer, retries included (zero is refused by
+        // the duration parser).
+        let timeout = match &c.timeout {
+            Some(t) => {
+                let d = self.duration(t);
+                ok &= d.is_some();
+                d
+            }
+            None => None,
+        };
+        let on_error = match &raw.on_error {
+            Some(t) => {
+                let to = self.target(t, ids).map(NodeIndex::new);
+                match to {
+                    Some(to) => edges.push((pos, to.index(), Edge::Error)),
+                    None => ok = false,
+                }
+                to
+            }
+            None => None,
+        };
         let next = self.next(raw, ids, following, pos, edges)?;
         ok.then(|| StepKind::Call {
             webhook: c.webhook.value.clone(),
             body: c.body.as_ref().map(|b| b.value.clone()),
             save_as,
+            timeout,
+            on_error,
             next,
         })
     }

@@ -16,9 +16,12 @@ use crate::model::{Priority, Weekday};
 use crate::policy::{Decision, Policy, SentMark};
 use crate::registry::{PluginCx, Registry};
 use crate::state::{
-    Arm, Conversion, Customer, Enrolment, Event, Failure, HistoryEntry, OutboxKind, OutboxRow, Run,
-    RunStatus, Time,
+    Arm, Conversion, Customer, DeliveryFailure, Enrolment, Event, Failure, HistoryEntry,
+    OutboxKind, OutboxRow, Run, RunStatus, Time,
 };
+
+mod call;
+mod fallback;
 
 /// The waiting marker of a run parked at a `call` step until the response comes back.
 pub const WAITING_FOR_CALL: &str = "call";
@@ -49,8 +52,16 @@ pub enum Input<'a> {
     Event(&'a Event),
     /// The customer's profile changed: `exit: - when:` rules are checked.
     Profile,
-    /// The response to the `call` the run waits at.
-    CallResult { step: &'a str, response: &'a Json },
+    /// The answer to the `call` the run waits at: the response, or (`error` set) why the
+    /// call failed for good.
+    CallResult {
+        step: &'a str,
+        response: &'a Json,
+        error: Option<&'a str>,
+    },
+    /// A message of the run's `step` could not be delivered on its channel: the step falls
+    /// back to its next channel, wherever the run is now.
+    DeliveryFailed(&'a DeliveryFailure),
 }
 
 /// The effect of one input on one run.
@@ -233,22 +244,12 @@ impl Exec<'_, '_> {
                 }
                 self.timer();
             }
-            Input::CallResult { step, response } => {
-                if ended
-                    || self.run.waiting_for.as_deref() != Some(WAITING_FOR_CALL)
-                    || self.run.step.as_deref() != Some(step)
-                {
-                    return;
-                }
-                let Some(node) = self.current() else { return };
-                if let StepKind::Call { save_as, next, .. } = &self.flow().graph[node].kind {
-                    let (save_as, next) = (save_as.clone(), *next);
-                    self.run.vars.insert(save_as.clone(), response.clone());
-                    self.record("answered", step.to_owned(), json!({ "save_as": save_as }));
-                    self.run.waiting_for = None;
-                    self.advance(next);
-                }
-            }
+            Input::CallResult {
+                step,
+                response,
+                error,
+            } => self.call_result(step, response, error),
+            Input::DeliveryFailed(failure) => self.delivery_failed(failure),
         }
     }
 
@@ -425,6 +426,10 @@ impl Exec<'_, '_> {
             StepKind::Wait { next, .. } => self.advance(*next),
             // A send delayed by quiet hours or a cap: try again now.
             StepKind::Send { .. } => self.advance(Some(node)),
+            // The call's `timeout` passed without an answer.
+            StepKind::Call { .. } if self.run.waiting_for.as_deref() == Some(WAITING_FOR_CALL) => {
+                self.call_timed_out(node)
+            }
             _ => {
                 tracing::warn!(run = %self.run.id, step = %step.id, "timer at a step that does not wait");
             }
@@ -584,43 +589,9 @@ impl Exec<'_, '_> {
                 webhook,
                 body,
                 save_as,
-                next: _,
-            } => {
-                let body = match body {
-                    Some(b) => match self.render_json(b) {
-                        Ok(b) => b,
-                        Err(e) => {
-                            self.record(
-                                "error",
-                                id,
-                                json!({ "error": e.to_string(), "outcome": "error" }),
-                            );
-                            self.end("error");
-                            return Flow::End;
-                        }
-                    },
-                    None => Json::Null,
-                };
-                let key = format!("{}/{}", self.run.id, id);
-                self.out.outbox.push(OutboxRow {
-                    key,
-                    kind: OutboxKind::Call,
-                    run_id: self.run.id.clone(),
-                    flow: self.run.flow.clone(),
-                    customer_id: self.run.customer_id.clone(),
-                    step: id.clone(),
-                    channel: webhook.clone(),
-                    address: None,
-                    template: None,
-                    payload: json!({ "webhook": webhook, "body": body, "save_as": save_as }),
-                    transactional: true,
-                    created_at: self.cx.now,
-                });
-                self.run.waiting_for = Some(WAITING_FOR_CALL.to_owned());
-                self.run.wake_at = None;
-                self.record("called", id, json!({ "webhook": webhook }));
-                Flow::Park
-            }
+                timeout,
+                ..
+            } => self.call(id, webhook, body.as_ref(), save_as, *timeout),
             StepKind::Task {
                 assign,
                 text,
@@ -733,25 +704,14 @@ impl Exec<'_, '_> {
             files,
             priority,
             next,
+            ..
         } = &step.kind
         else {
             return Flow::Go(None);
         };
         let (id, priority, next) = (step.id.as_str(), *priority, *next);
         // Fallback: the first channel the customer can receive on.
-        let reachable = channels.iter().find_map(|c| {
-            let spec = self.cx.registry.channel(c)?;
-            match &spec.address {
-                None => Some((c.clone(), None)),
-                Some(attr) => match self.customer.attributes.get(attr) {
-                    Some(Json::String(s)) if !s.trim().is_empty() => {
-                        Some((c.clone(), Some(s.clone())))
-                    }
-                    Some(Json::Number(n)) => Some((c.clone(), Some(n.to_string()))),
-                    _ => None,
-                },
-            }
-        });
+        let reachable = self.first_reachable(channels);
         let Some((channel, address)) = reachable else {
             self.record("skipped", id.to_owned(), json!({ "template": template, "reason": format!("no address for {}", channels.join(", ")) }));
             self.run.wake_at = None;
@@ -824,6 +784,24 @@ impl Exec<'_, '_> {
         self.run.last_touch = Some(id.to_owned());
         self.record("sent", id.to_owned(), detail);
         Flow::Go(next)
+    }
+
+    /// The first of `channels` the customer has an address on (or that needs none), with
+    /// the address.
+    fn first_reachable(&self, channels: &[String]) -> Option<(String, Option<String>)> {
+        channels.iter().find_map(|c| {
+            let spec = self.cx.registry.channel(c)?;
+            match &spec.address {
+                None => Some((c.clone(), None)),
+                Some(attr) => match self.customer.attributes.get(attr) {
+                    Some(Json::String(s)) if !s.trim().is_empty() => {
+                        Some((c.clone(), Some(s.clone())))
+                    }
+                    Some(Json::Number(n)) => Some((c.clone(), Some(n.to_string()))),
+                    _ => None,
+                },
+            }
+        })
     }
 
     /// Render the channel's template files: `{subject?, text?, html?}`.

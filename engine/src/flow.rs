@@ -151,6 +151,8 @@ pub enum StepKind {
         /// Channel → template files under `templates/` (an email may have html and text).
         files: BTreeMap<String, Vec<String>>,
         priority: Priority,
+        /// When the next channel of the list is tried.
+        fallback: Fallback,
         next: Target,
     },
     Wait {
@@ -175,6 +177,12 @@ pub enum StepKind {
         webhook: String,
         body: Option<serde_json::Value>,
         save_as: String,
+        /// The longest the run waits for an answer, retries included; `None`: as long as
+        /// the webhook's retry policy takes.
+        timeout: Option<Duration>,
+        /// Where a run goes when the call fails for good or times out; `None` ends it with
+        /// outcome `error`.
+        on_error: Option<NodeIndex>,
         next: Target,
     },
     Task {
@@ -193,6 +201,17 @@ pub enum StepKind {
         outputs: Vec<(String, Target)>,
         next: Target,
     },
+}
+
+/// When a `send` to a channel list moves on to the next channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fallback {
+    /// When the customer has no address on a channel, and when the delivery on a channel
+    /// fails for good (a permanent error, or out of attempts). The default.
+    #[default]
+    Failure,
+    /// Only when the customer has no address on a channel (`fallback: address`).
+    Address,
 }
 
 #[derive(Debug, Clone)]
@@ -227,6 +246,8 @@ pub enum Edge {
     Else,
     Share(f64),
     Timeout(Duration),
+    /// A call's `on_error`.
+    Error,
     Output(String),
 }
 
@@ -238,6 +259,7 @@ impl fmt::Display for Edge {
             Edge::Else => f.write_str("else"),
             Edge::Share(p) => write!(f, "{p}%"),
             Edge::Timeout(d) => write!(f, "timeout {d}"),
+            Edge::Error => f.write_str("error"),
             Edge::Output(o) => f.write_str(o),
         }
     }

@@ -131,6 +131,10 @@ pub struct RawStep {
     pub template: Option<S<String>>,
     /// With `send`: `marketing` (default; subject to caps and quiet hours) or `transactional`.
     pub priority: Option<S<Priority>>,
+    /// With a `send` to a channel list: `failure` (default: the next channel is tried when
+    /// the customer has no address on one, or when its delivery fails for good) or `address`
+    /// (only when the customer has no address).
+    pub fallback: Option<S<FallbackMode>>,
 
     /// Hold the run: `for`, `until`, `event` (+ `timeout`) or `window`.
     pub wait: Option<S<RawWait>>,
@@ -138,6 +142,10 @@ pub struct RawStep {
     /// with outcome `timeout`).
     #[schemars(with = "Option<StepId>")]
     pub on_timeout: Option<S<String>>,
+    /// With `call`: the step to run when the call fails for good or gets no answer within its
+    /// `timeout` (default: end the run with outcome `error`).
+    #[schemars(with = "Option<StepId>")]
+    pub on_error: Option<S<String>>,
 
     /// Conditions tried in order; the first that holds wins; the last arm is `else`.
     pub branch: Option<S<Vec<S<RawArm>>>>,
@@ -167,6 +175,16 @@ pub struct RawStep {
 pub enum Priority {
     Marketing,
     Transactional,
+}
+
+/// When a `send` to a channel list moves on to the next channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum FallbackMode {
+    /// No address on the channel, or the delivery failed for good (the default).
+    Failure,
+    /// Only no address on the channel.
+    Address,
 }
 
 /// One channel or a fallback list.
@@ -392,6 +410,10 @@ pub struct RawCall {
     /// Where the JSON response is kept: `vars.<save_as>` (default: the step id, `-` as `_`).
     #[schemars(with = "Option<Identifier>")]
     pub save_as: Option<S<String>>,
+    /// The longest the run waits for the answer, retries included, e.g. `30s`, `1h`
+    /// (default: as long as the webhook's retry policy takes).
+    #[schemars(with = "Option<Duration>")]
+    pub timeout: Option<S<String>>,
 }
 
 /// A task for a person.

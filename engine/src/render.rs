@@ -186,11 +186,18 @@ fn picture(flow: &CompiledFlow) -> Picture {
             StepKind::Call {
                 webhook,
                 save_as,
+                timeout,
+                on_error,
                 next,
                 ..
             } => {
                 to(*next, String::new(), "completed", &mut boxes);
-                (format!("call {webhook} → vars.{save_as}"), Shape::Step)
+                to(*on_error, "error".to_owned(), "error", &mut boxes);
+                let within = timeout.map_or(String::new(), |t| format!("\nwithin {t}"));
+                (
+                    format!("call {webhook} → vars.{save_as}{within}"),
+                    Shape::Step,
+                )
             }
             StepKind::Task { due, next, .. } => {
                 to(*next, String::new(), "completed", &mut boxes);

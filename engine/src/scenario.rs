@@ -59,9 +59,9 @@ pub(crate) struct RawScenario {
     pub events: Vec<RawEvent>,
     #[serde(default)]
     pub profiles: Vec<RawProfile>,
-    /// Webhook name → the response its `call` steps get (default `{}`).
+    /// Webhook name → what its `call` steps get (default `{}`): see [`ScriptedCall`].
     #[serde(default)]
-    pub calls: BTreeMap<String, Json>,
+    pub calls: BTreeMap<String, Spanned<Json>>,
     #[serde(default)]
     pub expect: Vec<crate::testing::RawExpect>,
 }
@@ -74,6 +74,9 @@ pub(crate) struct RawCustomer {
     pub timezone: Option<Spanned<String>>,
     #[serde(default)]
     pub attributes: Map<String, Json>,
+    /// This customer's own call answers, over the file's `calls:`.
+    #[serde(default)]
+    pub calls: BTreeMap<String, Spanned<Json>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -114,8 +117,61 @@ pub struct Scenario {
     /// Offsets the file wrote times in, by customer (for showing times back the same way).
     pub offsets: BTreeMap<String, FixedOffset>,
     pub default_offset: FixedOffset,
-    pub calls: BTreeMap<String, Json>,
+    /// Webhook name → what its calls get.
+    pub calls: BTreeMap<String, ScriptedCall>,
+    /// Customer → webhook name → what that customer's calls get, over `calls`.
+    pub customer_calls: BTreeMap<String, BTreeMap<String, ScriptedCall>>,
     pub(crate) expect: Vec<crate::testing::RawExpect>,
+}
+
+/// What a scripted webhook does with a `call`, as a test file writes it under `calls:`:
+///
+/// - `{ fail: 500 }` (an HTTP status, 400–599) or `{ fail: "coupon pool empty" }`: the call
+///   fails for good, with that error;
+/// - `{ answer: VALUE }`: the call answers VALUE;
+/// - any other value: the call answers it (`{ code: BDAY-20 }`).
+///
+/// A map whose only key is `fail` or `answer` is always read as the first two forms; a
+/// response that itself holds a `fail` or `answer` key is written inside `answer:`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ScriptedCall {
+    Answer(Json),
+    Fail(String),
+}
+
+impl ScriptedCall {
+    /// Read one entry of `calls:`.
+    pub fn parse(value: &Json) -> Result<ScriptedCall, String> {
+        let Json::Object(map) = value else {
+            return Ok(ScriptedCall::Answer(value.clone()));
+        };
+        let keys: Vec<&str> = map.keys().map(String::as_str).collect();
+        match (map.get("fail"), map.get("answer")) {
+            (Some(_), _) | (_, Some(_)) if keys.len() > 1 => Err(format!(
+                "`{}` goes alone: write `{{ fail: 500 }}` for a call that fails, or `{{ answer: {{ … }} }}` for a response that holds `fail` or `answer`",
+                if map.contains_key("fail") {
+                    "fail"
+                } else {
+                    "answer"
+                }
+            )),
+            (Some(Json::Number(n)), None) => match n.as_u64() {
+                Some(status @ 400..=599) => Ok(ScriptedCall::Fail(format!("HTTP {status}"))),
+                _ => Err(format!(
+                    "`fail: {n}` is not an HTTP error status: use 400-599, or a text saying why the call fails"
+                )),
+            },
+            (Some(Json::String(why)), None) if !why.trim().is_empty() => {
+                Ok(ScriptedCall::Fail(why.trim().to_owned()))
+            }
+            (Some(_), _) => Err(
+                "`fail` takes an HTTP error status (400-599) or a text saying why the call fails"
+                    .to_owned(),
+            ),
+            (None, Some(answer)) => Ok(ScriptedCall::Answer(answer.clone())),
+            (None, None) => Ok(ScriptedCall::Answer(value.clone())),
+        }
+    }
 }
 
 /// Parse a time the way operators write it in a test: RFC 3339, seconds optional, an offset
@@ -350,6 +406,25 @@ pub fn parse(path: &Path, text: &str, flow: Option<&str>) -> Result<Scenario, Sc
     for x in &raw.expect {
         known(&mut errs, &x.customer);
     }
+    let scripted = |errs: &mut Errors, list: &BTreeMap<String, Spanned<Json>>| {
+        let mut out = BTreeMap::new();
+        for (webhook, v) in list {
+            match ScriptedCall::parse(&v.value) {
+                Ok(c) => {
+                    out.insert(webhook.clone(), c);
+                }
+                Err(e) => errs.at(v.span, format!("calls: `{webhook}`: {e}")),
+            }
+        }
+        out
+    };
+    let calls = scripted(&mut errs, &raw.calls);
+    let mut customer_calls = BTreeMap::new();
+    for c in &raw.customers {
+        if !c.calls.is_empty() {
+            customer_calls.insert(c.id.value.clone(), scripted(&mut errs, &c.calls));
+        }
+    }
     if !errs.list.is_empty() {
         return Err(ScenarioError::File(errs.list));
     }
@@ -369,7 +444,8 @@ pub fn parse(path: &Path, text: &str, flow: Option<&str>) -> Result<Scenario, Sc
         customer_ids: ids,
         offsets,
         default_offset,
-        calls: raw.calls,
+        calls,
+        customer_calls,
         expect: raw.expect,
     })
 }
@@ -453,12 +529,19 @@ pub async fn run_on<S: Store>(
                 .calls
                 .drain(..)
                 .map(|c| {
+                    let script = scenario
+                        .customer_calls
+                        .get(&c.customer_id)
+                        .and_then(|calls| calls.get(&c.channel))
+                        .or_else(|| scenario.calls.get(&c.channel));
+                    let (response, error) = match script {
+                        Some(ScriptedCall::Answer(v)) => (v.clone(), None),
+                        Some(ScriptedCall::Fail(why)) => (Json::Null, Some(why.clone())),
+                        None => (Json::Object(Map::new()), None),
+                    };
                     InboxItem::CallResult(CallResult {
-                        response: scenario
-                            .calls
-                            .get(&c.channel)
-                            .cloned()
-                            .unwrap_or_else(|| Json::Object(Map::new())),
+                        response,
+                        error,
                         run_id: c.run_id,
                         customer_id: c.customer_id,
                         step: c.step,
@@ -485,4 +568,42 @@ pub async fn run_on<S: Store>(
         }
     }
     Ok(Outcome { runtime, stats })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ScriptedCall;
+    use serde_json::json;
+
+    #[test]
+    fn test_files_can_script_a_failing_call() {
+        assert_eq!(
+            ScriptedCall::parse(&json!({ "fail": 500 })),
+            Ok(ScriptedCall::Fail("HTTP 500".into()))
+        );
+        assert_eq!(
+            ScriptedCall::parse(&json!({ "fail": "coupon pool empty" })),
+            Ok(ScriptedCall::Fail("coupon pool empty".into()))
+        );
+        // The plain form is still an answer; `answer:` says so explicitly.
+        assert_eq!(
+            ScriptedCall::parse(&json!({ "code": "C-1" })),
+            Ok(ScriptedCall::Answer(json!({ "code": "C-1" })))
+        );
+        assert_eq!(
+            ScriptedCall::parse(&json!({ "answer": { "fail": 1 } })),
+            Ok(ScriptedCall::Answer(json!({ "fail": 1 })))
+        );
+        // Ambiguous or meaningless: a clear error, never a guess.
+        for bad in [
+            json!({ "fail": 200 }),
+            json!({ "fail": true }),
+            json!({ "fail": " " }),
+            json!({ "fail": 500, "code": "C-1" }),
+            json!({ "answer": {}, "code": "C-1" }),
+        ] {
+            let e = ScriptedCall::parse(&bad).expect_err("rejected");
+            assert!(e.contains("fail") || e.contains("answer"), "{bad}: {e}");
+        }
+    }
 }

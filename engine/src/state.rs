@@ -102,16 +102,51 @@ pub enum InboxItem {
     Profile(ProfileUpdate),
     /// The response to a `call` step, fed back by whoever performed the call.
     CallResult(CallResult),
+    /// A message that could not be delivered for good (a permanent error, or out of
+    /// attempts), fed back by the dispatcher so the step that sent it can fall back to its
+    /// next channel.
+    DeliveryFailed(DeliveryFailure),
 }
 
-/// What an internal system answered to a `call`; the run waiting at `step` stores it.
+/// What an internal system answered to a `call`; the run waiting at `step` stores it, or,
+/// when `error` is set, takes the step's `on_error` path.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CallResult {
     pub run_id: String,
     pub customer_id: String,
     pub step: String,
-    /// The response body, or `{"error": "…"}` when the call failed for good.
+    /// The response body; `null` when the call failed.
+    #[serde(default)]
     pub response: Json,
+    /// Why the call failed for good (a permanent error, or out of attempts); `None` when it
+    /// answered. Rows written before this field existed read as answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub at: Time,
+}
+
+impl CallResult {
+    /// Whether the call answered (rather than failed).
+    pub fn answered(&self) -> bool {
+        self.error.is_none()
+    }
+}
+
+/// A message delivery given up on (`DeliveryOutcome::Dead`), for the run that sent it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeliveryFailure {
+    pub run_id: String,
+    pub customer_id: String,
+    /// The `send` step that produced the message.
+    pub step: String,
+    /// The channel the message was on.
+    pub channel: String,
+    /// The dead outbox row's key (its idempotency key).
+    pub key: String,
+    /// The last error, redacted.
+    pub error: String,
+    /// When the step sent it (the outbox row's `created_at`): the moment its cap mark holds.
+    pub sent_at: Time,
     pub at: Time,
 }
 
@@ -121,6 +156,7 @@ impl InboxItem {
             InboxItem::Event(e) => &e.customer_id,
             InboxItem::Profile(p) => &p.customer_id,
             InboxItem::CallResult(c) => &c.customer_id,
+            InboxItem::DeliveryFailed(d) => &d.customer_id,
         }
     }
 
@@ -129,6 +165,7 @@ impl InboxItem {
             InboxItem::Event(e) => e.occurred_at,
             InboxItem::Profile(p) => p.at,
             InboxItem::CallResult(c) => c.at,
+            InboxItem::DeliveryFailed(d) => d.at,
         }
     }
 }

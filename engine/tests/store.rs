@@ -78,6 +78,7 @@ async fn enqueue_dedupes_by_event_id_and_keeps_order(db: Arc<Database>) {
         customer_id: "c1".into(),
         step: "ask-crm".into(),
         response: json!({ "score": 7 }),
+        error: None,
         at: t(4),
     });
     assert_eq!(

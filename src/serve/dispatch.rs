@@ -6,7 +6,10 @@
 //! result was recorded) is recognisable by the provider.
 //!
 //! A `call` row's response is fed back into the inbox as the run's call result before the
-//! row is marked sent; a call that fails for good answers the run with `{"error": …}`.
+//! row is marked sent; a call that fails for good (or would be retried past its step's
+//! `timeout`) is fed back as a failed call result carrying the last error. A message that
+//! is dead-lettered is fed back as a failed delivery, so its `send` step can fall back to
+//! the next channel of its list.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -15,7 +18,7 @@ use std::time::{Duration, Instant};
 use canvas_channels::{Channels, Delivered, DeliveryError, Message, MessageKind};
 use canvas_engine::runtime::FlowSet;
 use canvas_engine::state::{
-    CallResult, Delivery, DeliveryOutcome, InboxItem, OutboxKind, OutboxRow, Time,
+    CallResult, Delivery, DeliveryFailure, DeliveryOutcome, InboxItem, OutboxKind, OutboxRow, Time,
 };
 use canvas_engine::store::Store;
 use sha2::{Digest, Sha256};
@@ -314,19 +317,20 @@ fn record(
     let now = app.clock.now();
     let key = d.row.key.clone();
     let attempts = d.attempts.saturating_add(1);
-    let answer = |response: serde_json::Value| {
+    let answer = |response: serde_json::Value, error: Option<String>| {
         InboxItem::CallResult(CallResult {
             run_id: d.row.run_id.clone(),
             customer_id: d.row.customer_id.clone(),
             step: d.row.step.clone(),
             response,
+            error,
             at: now,
         })
     };
     let status = match result {
         Ok(delivered) => {
             if d.row.kind == OutboxKind::Call {
-                answers.push(answer(delivered.response.unwrap_or_default()));
+                answers.push(answer(delivered.response.unwrap_or_default(), None));
             }
             outcomes.push(DeliveryOutcome::Sent { key, at: now });
             "sent"
@@ -343,7 +347,7 @@ fn record(
         }
         Err(e) => {
             // Stored, logged and fed back to a waiting call: never with a URL's secrets.
-            let reason = canvas_engine::store::redact(&e.reason()).into_owned();
+            let mut reason = canvas_engine::store::redact(&e.reason()).into_owned();
             let wait = if e.is_retryable() {
                 let retry = channels
                     .retry_config(&d.row.channel)
@@ -354,21 +358,39 @@ fn record(
             } else {
                 None
             };
-            match wait {
-                Some(wait) => {
+            let next_attempt_at =
+                wait.map(|w| now + chrono::Duration::from_std(w).unwrap_or(chrono::Duration::MAX));
+            let next_attempt_at = within_deadline(next_attempt_at, &d.row, &mut reason);
+            match next_attempt_at {
+                Some(next_attempt_at) => {
                     outcomes.push(DeliveryOutcome::Retry {
                         key,
                         attempts,
-                        next_attempt_at: now
-                            + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX),
+                        next_attempt_at,
                         error: reason,
                     });
                     "retry"
                 }
                 None => {
                     tracing::warn!(key = %d.row.key, channel = %d.row.channel, attempts, "dead-lettered: {reason}");
-                    if d.row.kind == OutboxKind::Call {
-                        answers.push(answer(serde_json::json!({ "error": reason })));
+                    match d.row.kind {
+                        OutboxKind::Call => {
+                            answers.push(answer(serde_json::Value::Null, Some(reason.clone())));
+                        }
+                        // The step that sent it falls back to its next channel, if any.
+                        OutboxKind::Message => {
+                            answers.push(InboxItem::DeliveryFailed(DeliveryFailure {
+                                run_id: d.row.run_id.clone(),
+                                customer_id: d.row.customer_id.clone(),
+                                step: d.row.step.clone(),
+                                channel: d.row.channel.clone(),
+                                key: d.row.key.clone(),
+                                error: reason.clone(),
+                                sent_at: d.row.created_at,
+                                at: now,
+                            }));
+                        }
+                        OutboxKind::Task => {}
                     }
                     outcomes.push(DeliveryOutcome::Dead {
                         key,
@@ -390,7 +412,31 @@ fn record(
         .inc();
 }
 
-/// Record results: call answers into the inbox first (deduplicated by call key, so a repeat
+/// A call's own `timeout`: nobody waits for an answer past it, so no retry is scheduled
+/// after it (the run's timer has given up on the call by then): the row is dead instead,
+/// and the reason says so.
+fn within_deadline(next: Option<Time>, row: &OutboxRow, reason: &mut String) -> Option<Time> {
+    match (next, call_deadline(row)) {
+        (Some(next), Some(deadline)) if next > deadline => {
+            reason.push_str(" (no retry: past the call's timeout)");
+            None
+        }
+        (next, _) => next,
+    }
+}
+
+/// A call row's `deadline` (its step's `timeout`, from when the call was made).
+fn call_deadline(row: &OutboxRow) -> Option<Time> {
+    if row.kind != OutboxKind::Call {
+        return None;
+    }
+    let text = row.payload.get("deadline")?.as_str()?;
+    chrono::DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.with_timezone(&chrono::Utc))
+}
+
+/// Record results: call answers and failed deliveries into the inbox first (deduplicated by call key, so a repeat
 /// after a crash is harmless), then the rows' new states. A failure keeps them for the next
 /// try; the leases keep other daemons off the rows meanwhile.
 async fn settle(app: &App, outcomes: &mut Vec<DeliveryOutcome>, answers: &mut Vec<InboxItem>) {
@@ -418,6 +464,42 @@ async fn settle(app: &App, outcomes: &mut Vec<DeliveryOutcome>, answers: &mut Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn call_row(payload: serde_json::Value) -> OutboxRow {
+        OutboxRow {
+            key: "coupon/c1/1/issue".into(),
+            kind: OutboxKind::Call,
+            run_id: "coupon/c1/1".into(),
+            flow: "coupon".into(),
+            customer_id: "c1".into(),
+            step: "issue".into(),
+            channel: "coupons".into(),
+            address: None,
+            template: None,
+            payload,
+            transactional: true,
+            created_at: chrono::DateTime::from_timestamp(1_767_225_600, 0).unwrap(),
+        }
+    }
+
+    #[test]
+    fn call_retries_never_go_past_the_call_timeout() {
+        let t0 = chrono::DateTime::from_timestamp(1_767_225_600, 0).unwrap();
+        let row = call_row(
+            serde_json::json!({ "deadline": (t0 + chrono::Duration::seconds(60)).to_rfc3339() }),
+        );
+        let mut reason = "HTTP 500".to_owned();
+        let early = Some(t0 + chrono::Duration::seconds(30));
+        assert_eq!(within_deadline(early, &row, &mut reason), early);
+        assert_eq!(reason, "HTTP 500");
+        let late = Some(t0 + chrono::Duration::seconds(61));
+        assert_eq!(within_deadline(late, &row, &mut reason), None);
+        assert_eq!(reason, "HTTP 500 (no retry: past the call's timeout)");
+        // Without a timeout, the channel's retry policy decides alone.
+        let row = call_row(serde_json::json!({ "webhook": "coupons" }));
+        let mut reason = "HTTP 500".to_owned();
+        assert_eq!(within_deadline(late, &row, &mut reason), late);
+    }
 
     #[test]
     fn jitter_is_a_fraction_and_varies() {

@@ -16,8 +16,8 @@ use crate::flow::{CompiledFlow, Trigger};
 use crate::policy::Policy;
 use crate::registry::Registry;
 use crate::state::{
-    CallResult, Customer, Event, FlowVersion, InboxItem, Lease, OutboxRow, ProfileUpdate,
-    RunStatus, Time,
+    CallResult, Customer, DeliveryFailure, Event, FlowVersion, InboxItem, Lease, OutboxRow,
+    ProfileUpdate, RunStatus, Time,
 };
 use crate::store::{Result, Store};
 
@@ -589,21 +589,72 @@ impl<S: Store> Runtime<S> {
     }
 
     fn on_call_result(&self, cs: &mut Slot<'_>, result: &CallResult, now: Time) {
-        let loaded = &mut *cs.loaded;
-        let Some((run, dirty)) = loaded.runs.iter_mut().find(|(r, _)| r.id == result.run_id) else {
-            tracing::warn!(run = %result.run_id, "call result for a run that is not waiting; dropped");
-            return;
-        };
-        let Some(flow) = self.flows.version(&run.version) else {
-            return;
-        };
         let input = Input::CallResult {
             step: &result.step,
             response: &result.response,
+            error: result.error.as_deref(),
+        };
+        self.on_run_input(cs, &result.run_id, input, now);
+    }
+
+    fn on_delivery_failed(&self, cs: &mut Slot<'_>, failure: &DeliveryFailure, now: Time) {
+        self.on_run_input(cs, &failure.run_id, Input::DeliveryFailed(failure), now);
+    }
+
+    /// An input for one run, waiting or ended (see [`Runtime::load_runs_of`]).
+    fn on_run_input(&self, cs: &mut Slot<'_>, run_id: &str, input: Input<'_>, now: Time) {
+        let loaded = &mut *cs.loaded;
+        let Some((run, dirty)) = loaded
+            .runs
+            .iter_mut()
+            .chain(loaded.converting.iter_mut())
+            .find(|(r, _)| r.id == run_id)
+        else {
+            tracing::warn!(run = %run_id, "input for a run that does not exist; dropped");
+            return;
+        };
+        let Some(flow) = self.flows.version(&run.version) else {
+            tracing::error!(run = %run.id, version = %run.version, "run is pinned to a flow version this process has not loaded");
+            return;
         };
         let tr = executor::step(&self.ctx(flow, now), run, &mut loaded.customer, input);
         absorb(tr, dirty, &mut loaded.customer_dirty, cs.batch);
         loaded.settle();
+    }
+
+    /// Call results and failed deliveries may concern a run that has ended (a send does not
+    /// block: the run may be past its last step when the delivery dies): such runs are not
+    /// among what `Store::load` returns, so they are read here, for the round to apply the
+    /// input to and write back.
+    async fn load_runs_of(&self, work: &mut Work, pending: &[(i64, InboxItem)]) -> Result<()> {
+        for (_, item) in pending {
+            let (customer, run_id) = match item {
+                InboxItem::CallResult(c) => (&c.customer_id, &c.run_id),
+                InboxItem::DeliveryFailed(d) => (&d.customer_id, &d.run_id),
+                InboxItem::Event(_) | InboxItem::Profile(_) => continue,
+            };
+            let Some(loaded) = work.customers.get_mut(customer) else {
+                continue;
+            };
+            let known = loaded
+                .runs
+                .iter()
+                .chain(loaded.converting.iter())
+                .any(|(r, _)| r.id == *run_id);
+            if known {
+                continue;
+            }
+            if let Some(run) = self
+                .store
+                .runs(customer)
+                .await?
+                .into_iter()
+                .find(|r| r.id == *run_id && r.status == RunStatus::Ended)
+            {
+                loaded.converting.push((run, false));
+            }
+        }
+        Ok(())
     }
 
     fn on_timers(&self, cs: &mut Slot<'_>, now: Time) {
@@ -736,12 +787,14 @@ pub async fn process_inbox_from<S: Store, R: std::ops::Deref<Target = Runtime<S>
             }
         }
         let mut work = rt.load(&ids, now).await?;
+        rt.load_runs_of(&mut work, &pending).await?;
         for (seq, item) in &pending {
             let mut cs = work.entry(item.customer_id(), now);
             match item {
                 InboxItem::Event(e) => rt.on_event(&mut cs, e, now),
                 InboxItem::Profile(p) => rt.on_profile(&mut cs, p, now),
                 InboxItem::CallResult(c) => rt.on_call_result(&mut cs, c, now),
+                InboxItem::DeliveryFailed(d) => rt.on_delivery_failed(&mut cs, d, now),
             }
             work.batch.inbox_done.push(*seq);
             work.stats.items += 1;

@@ -173,13 +173,15 @@ pub(crate) fn check_lease(lease: &Lease, wanted: usize, held: i64) -> Result<()>
 
 /// The inbox's dedupe key of an item: an event's id; `call:RUN_ID/STEP` for a call result
 /// (the outbox key of the call, so a result fed back twice is applied once);
-/// `profile:ID` for a profile update that carries an id, else none.
+/// `profile:ID` for a profile update that carries an id; `dead:KEY` for a failed delivery
+/// (the dead outbox row's key, so a failure fed back twice falls back once); else none.
 pub(crate) fn dedupe_key(item: &InboxItem) -> Option<String> {
     match item {
         InboxItem::Event(e) => Some(e.id.clone()),
         // Prefixed: profile-update ids and event ids come from different senders.
         InboxItem::Profile(p) => p.id.as_ref().map(|id| format!("profile:{id}")),
         InboxItem::CallResult(c) => Some(format!("call:{}/{}", c.run_id, c.step)),
+        InboxItem::DeliveryFailed(d) => Some(format!("dead:{}", d.key)),
     }
 }
 
