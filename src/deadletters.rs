@@ -84,30 +84,89 @@ pub fn list(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Why a key cannot be sent again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    Unknown(String),
+    /// A `call`: its run was told the call failed and went on, so an answer now would reach
+    /// nobody.
+    Call(String),
+    NotDead(String, DeliveryStatus),
+    /// The step's message went out (or is going out) on another channel of its list: sending
+    /// this one again would reach the customer twice.
+    FellBack {
+        key: String,
+        by: String,
+    },
+    /// Sent again by someone else meanwhile.
+    Raced(String),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Unknown(key) => write!(f, "no outbox row `{key}`"),
+            Refusal::Call(key) => write!(
+                f,
+                "`{key}` is a `call`; its run has moved on, so it cannot be sent again"
+            ),
+            Refusal::NotDead(key, status) => write!(
+                f,
+                "`{key}` is {}, not a dead letter; only dead letters are sent again",
+                status.as_str()
+            ),
+            Refusal::FellBack { key, by } => write!(
+                f,
+                "`{key}` fell back to `{by}`, which is not dead: sending it again would reach the customer twice"
+            ),
+            Refusal::Raced(key) => write!(f, "`{key}` is no longer a dead letter"),
+        }
+    }
+}
+
+/// Send the dead letter `key` again under its own idempotency key, unless that would answer
+/// nobody (a call) or reach the customer twice (the step fell back to another channel).
+pub async fn send_again<S: Store>(
+    db: &S,
+    key: &str,
+    now: canvas_engine::state::Time,
+) -> canvas_engine::store::Result<Result<(), Refusal>> {
+    let Some(found) = db.delivery(key).await? else {
+        return Ok(Err(Refusal::Unknown(key.to_owned())));
+    };
+    if found.row.kind == OutboxKind::Call {
+        return Ok(Err(Refusal::Call(key.to_owned())));
+    }
+    if found.status != DeliveryStatus::Dead {
+        return Ok(Err(Refusal::NotDead(key.to_owned(), found.status)));
+    }
+    // The rows of the same step: the first channel (`RUN/STEP`) and its fallbacks
+    // (`RUN/STEP/CHANNEL`).
+    let siblings = db.deliveries(&found.row.customer_id).await?;
+    if let Some(other) = siblings.iter().find(|d| {
+        d.row.run_id == found.row.run_id
+            && d.row.step == found.row.step
+            && d.row.key != found.row.key
+            && d.status != DeliveryStatus::Dead
+    }) {
+        return Ok(Err(Refusal::FellBack {
+            key: key.to_owned(),
+            by: other.row.key.clone(),
+        }));
+    }
+    if !db.retry_dead_letter(key, now).await? {
+        return Ok(Err(Refusal::Raced(key.to_owned())));
+    }
+    Ok(Ok(()))
+}
+
 pub fn retry(database: &DatabaseUrl, key: &str) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
-    let outcome: anyhow::Result<Result<(), String>> = rt.block_on(async {
+    let outcome = rt.block_on(async {
         let db = open(database).await?;
-        let Some(found) = db.delivery(key).await? else {
-            return Ok(Err(format!("no outbox row `{key}` in {database}")));
-        };
-        if found.row.kind == OutboxKind::Call {
-            return Ok(Err(format!(
-                "`{key}` is a `call`; its run has moved on, so it cannot be sent again"
-            )));
-        }
-        if found.status != DeliveryStatus::Dead {
-            return Ok(Err(format!(
-                "`{key}` is {}, not a dead letter; only dead letters are sent again",
-                found.status.as_str()
-            )));
-        }
-        if !db.retry_dead_letter(key, SystemClock.now()).await? {
-            return Ok(Err(format!("`{key}` is no longer a dead letter")));
-        }
-        Ok(Ok(()))
-    });
-    match outcome? {
+        anyhow::Ok(send_again(&db, key, SystemClock.now()).await?)
+    })?;
+    match outcome {
         Ok(()) => {
             writeln!(
                 std::io::stdout(),

@@ -299,9 +299,26 @@ async fn dead_wechat_falls_back_to_sms(d: &Daemon, state: &Shared, peek: &Peek) 
         assert_eq!(sms[0].2["address"], json!("+8613800000002"));
         assert_eq!(
             sms[0].2["content"]["text"],
-            json!("Still thinking it over?\n")
+            json!("Still thinking it over?")
         );
     }
+    // The WeChat message is a dead letter, but the step went out by SMS: sending it again
+    // would reach the customer twice.
+    let (s, body) = call(
+        reqwest::Method::POST,
+        &format!("{}/v1/deadletters/nudge/c2/1/hello/retry", d.base),
+        Some(WRITE),
+        None,
+    )
+    .await;
+    assert_eq!(s, 409, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("fell back to `nudge/c2/1/hello/sms`"),
+        "{body}"
+    );
     // The step counts against the caps once, on the channel that carried it.
     let sends = peek
         .strings("SELECT CAST(sends AS TEXT) FROM customers WHERE id = 'c2'")

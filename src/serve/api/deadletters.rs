@@ -9,13 +9,14 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
-use canvas_engine::state::{DeadLetterFilter, DeliveryState, DeliveryStatus, OutboxKind};
+use canvas_engine::state::{DeadLetterFilter, DeliveryState};
 use canvas_engine::store::{Store, redact};
 use serde::Deserialize;
 use serde_json::{Value as Json, json};
 
 use super::request::{ApiError, ApiResult, authorize};
 use super::{MAX_ID, MAX_NAME, check_id};
+use crate::deadletters::{Refusal, send_again};
 use crate::serve::App;
 use crate::serve::config::Scope;
 
@@ -81,36 +82,17 @@ pub(super) async fn retry(
         ));
     };
     check_id("key", None, key, MAX_ID * 2)?;
-    let Some(found) = app.db.delivery(key).await? else {
-        return Err(ApiError::not_found(format!("no outbox row `{key}`")));
-    };
-    if found.row.kind == OutboxKind::Call {
-        // The run that made the call was told it failed and went on (to `on_error`, or
-        // ended with outcome `error`): an answer now would reach nobody.
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "conflict",
-            format!("`{key}` is a `call`; its run has moved on, so it cannot be sent again"),
-        ));
-    }
-    if found.status != DeliveryStatus::Dead {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "conflict",
-            format!(
-                "`{key}` is {}, not a dead letter; only dead letters are sent again",
-                found.status.as_str()
-            ),
-        ));
-    }
     let now = app.clock.now();
-    if !app.db.retry_dead_letter(key, now).await? {
-        // Retried by someone else between the read and the update.
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "conflict",
-            format!("`{key}` is no longer a dead letter"),
-        ));
+    match send_again(&app.db, key, now).await? {
+        Ok(()) => {}
+        Err(why @ Refusal::Unknown(_)) => return Err(ApiError::not_found(why.to_string())),
+        Err(why) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                why.to_string(),
+            ));
+        }
     }
     tracing::info!(key, "dead letter sent again by an operator");
     app.outbox_wake.notify_one();
