@@ -15,7 +15,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
-use canvas_engine::store::DatabaseUrl;
 
 /// mimalloc instead of glibc's malloc: the engine allocates and frees many short-lived
 /// strings across threads (rows built on one thread, freed on another), where glibc spent
@@ -79,16 +78,14 @@ enum Command {
         /// A file of JSON lines: `{"kind":"event","id":…,"customer_id":…,"name":…,
         /// "data":{…},"occurred_at":"…"}` or `{"kind":"profile","customer_id":…,"set":{…},"at":"…"}`.
         file: PathBuf,
-        #[arg(long, default_value = "sqlite://canvas.db")]
-        database: DatabaseUrl,
+        #[command(flatten)]
+        store: serve::config::StoreArgs,
     },
     /// Apply the inbox and fire due timers once, then exit (a batch job; `canvas serve` will
     /// do this continuously). Safe to kill and rerun at any moment.
     Run {
-        #[arg(long, default_value = "sqlite://canvas.db")]
-        database: DatabaseUrl,
-        #[arg(long, default_value = "flows")]
-        flows: PathBuf,
+        #[command(flatten)]
+        store: serve::config::StoreArgs,
         /// Run as if it were this time (`2026-03-14T09:00+08:00`); default: now.
         #[arg(long)]
         at: Option<String>,
@@ -99,8 +96,8 @@ enum Command {
     /// Where customers are and what the journeys achieved: runs waiting at each step,
     /// conversions per arm, and the lift of a holdout.
     Status {
-        #[arg(long, default_value = "sqlite://canvas.db")]
-        database: DatabaseUrl,
+        #[command(flatten)]
+        store: serve::config::StoreArgs,
         /// One flow only.
         #[arg(long)]
         flow: Option<String>,
@@ -247,18 +244,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .write_all(canvas_engine::schema::flow_schema_json().as_bytes())?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Ingest { file, database } => batch::ingest(&file, &database),
+        Command::Ingest { file, store } => batch::ingest(&file, store.resolve()?),
         Command::Run {
-            database,
-            flows,
+            store,
             at,
             batch: size,
-        } => batch::run(&database, &flows, at.as_deref(), size.max(1), &registry),
+        } => batch::run(store.resolve()?, at.as_deref(), size.max(1), &registry),
         Command::Status {
-            database,
+            store,
             flow,
             format,
-        } => status::status(&database, flow.as_deref(), format),
+        } => status::status(store.resolve()?, flow.as_deref(), format),
         Command::Test { paths, format } => play::test(paths, format, &registry),
         Command::Simulate {
             flow,
