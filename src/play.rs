@@ -158,13 +158,7 @@ pub fn simulate(
                 as_file.display()
             );
         };
-        (
-            as_file
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| PathBuf::from(".")),
-            f.id.clone(),
-        )
+        (canvas_engine::project::folder_of(&as_file), f.id.clone())
     } else {
         (flows_dir.to_path_buf(), flow.to_owned())
     };

@@ -127,7 +127,7 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
 
 /// The engine policy for files in `dir`: `canvas.yaml` there or in the folder above.
 pub fn policy_for(dir: &Path) -> Result<Policy, ScenarioError> {
-    for d in [Some(dir), dir.parent()].into_iter().flatten() {
+    for d in crate::project::folders_up(dir).iter().take(2) {
         let candidate = d.join("canvas.yaml");
         if candidate.is_file() {
             return Policy::load(&candidate).map_err(|e| {
@@ -145,10 +145,7 @@ pub fn policy_for(dir: &Path) -> Result<Policy, ScenarioError> {
 /// Run one test file: load the flows beside it, play the scenario, check the expectations.
 pub async fn run_file(path: &Path, registry: &Registry) -> Result<Report, ScenarioError> {
     let scenario = scenario::load(path, None)?;
-    let dir = path
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
+    let dir = crate::project::folder_of(path);
     let validation =
         crate::project::validate_paths(std::slice::from_ref(&dir), registry).map_err(|e| {
             ScenarioError::File(vec![FileError {
@@ -157,10 +154,101 @@ pub async fn run_file(path: &Path, registry: &Registry) -> Result<Report, Scenar
                 message: e.to_string(),
             }])
         })?;
+    explain_missing_flows(&scenario, &dir, &validation)?;
     let flows: Vec<_> = validation.flows().collect();
     let policy = policy_for(&dir)?;
     let outcome = scenario::run(&scenario, &flows, policy, registry.clone()).await?;
     check(&scenario, &outcome.runtime.store, &outcome.stats).await
+}
+
+/// The flows a test names (`flow:` and `also:`) that are not among the valid flows beside it,
+/// each with why: the file that has the id does not validate (and its first errors), or no
+/// file has it (and which flows were found).
+fn explain_missing_flows(
+    scenario: &Scenario,
+    dir: &Path,
+    validation: &crate::project::Validation,
+) -> Result<(), ScenarioError> {
+    let mut errors = Vec::new();
+    for want in std::iter::once(&scenario.flow).chain(&scenario.also) {
+        let id = want.value.as_str();
+        if validation.flows().any(|f| f.id == id) {
+            continue;
+        }
+        let message = match validation
+            .files
+            .iter()
+            .find(|f| f.flow_id.as_deref() == Some(id))
+        {
+            Some(file) => {
+                let first: Vec<String> = validation
+                    .diagnostics
+                    .iter()
+                    .filter(|d| d.file == file.path)
+                    .take(3)
+                    .map(|d| d.headline())
+                    .collect();
+                let more = file.errors.saturating_sub(first.len());
+                format!(
+                    "flow `{id}` ({}) does not validate: {}{}; run `canvas validate {}`",
+                    file.path.display(),
+                    first.join("; "),
+                    if more > 0 {
+                        format!(" (and {more} more)")
+                    } else {
+                        String::new()
+                    },
+                    file.path.display()
+                )
+            }
+            None => {
+                let found: Vec<&str> = validation
+                    .files
+                    .iter()
+                    .filter_map(|f| f.flow_id.as_deref())
+                    .collect();
+                let unreadable: Vec<String> = validation
+                    .files
+                    .iter()
+                    .filter(|f| f.flow_id.is_none())
+                    .map(|f| f.path.display().to_string())
+                    .collect();
+                let hint = crate::diagnostic::did_you_mean(id, found.iter().copied())
+                    .map(|s| format!("; did you mean `{s}`?"))
+                    .unwrap_or_default();
+                let mut message = format!(
+                    "no flow `{id}` in {} (searched recursively): found {}{hint}",
+                    dir.display(),
+                    if found.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        found
+                            .iter()
+                            .map(|f| format!("`{f}`"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    }
+                );
+                if !unreadable.is_empty() {
+                    message.push_str(&format!(
+                        "; these files have no readable flow id: {}",
+                        unreadable.join(", ")
+                    ));
+                }
+                message
+            }
+        };
+        errors.push(FileError {
+            file: scenario.file.clone(),
+            span: want.span,
+            message,
+        });
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ScenarioError::File(errors))
+    }
 }
 
 /// Check a played scenario's expectations against its store.

@@ -352,9 +352,9 @@ pub fn describe(diagnostics: &[canvas_engine::diagnostic::Diagnostic]) -> anyhow
 
 /// `canvas.yaml` in the flows folder, else in its parent.
 fn find_config(flows: &Path) -> Option<PathBuf> {
-    [Some(flows), flows.parent()]
+    canvas_engine::project::folders_up(flows)
         .into_iter()
-        .flatten()
+        .take(2)
         .map(|d| d.join(canvas_engine::policy::FILE_NAME))
         .find(|p| p.is_file())
 }
