@@ -59,6 +59,12 @@ pub fn read_items(path: &Path) -> anyhow::Result<Vec<InboxItem>> {
         if item.customer_id().is_empty() {
             bail!("{}:{n}: `customer_id` is empty", path.display());
         }
+        // `timezone` and `set.timezone` are the customer's one zone: a bad one is refused.
+        if let InboxItem::Profile(update) = &item
+            && let Err(e) = update.zone()
+        {
+            bail!("{}:{n}: {e}", path.display());
+        }
         items.push(item);
     }
     Ok(items)

@@ -17,9 +17,10 @@ use crate::policy::Policy;
 use crate::registry::Registry;
 use crate::state::{
     CallResult, Customer, Event, FlowVersion, InboxItem, Lease, OutboxRow, ProfileUpdate,
-    RunStatus, Time,
+    RunStatus, Time, ZONE_KEY,
 };
 use crate::store::{Result, Store};
+use serde_json::Value as Json;
 
 mod flows;
 mod work;
@@ -541,8 +542,31 @@ impl<S: Store> Runtime<S> {
                 loaded.customer.attributes.insert(k.clone(), v.clone());
             }
         }
-        if let Some(tz) = &update.timezone {
-            loaded.customer.timezone = Some(tz.clone());
+        // One zone, whichever spelling set it. Ingestion refuses a bad one; an update that
+        // got past it anyway (an old inbox row) leaves the zone as it was.
+        match update.zone() {
+            Ok(Some(zone)) => {
+                match &zone {
+                    Some(name) => loaded
+                        .customer
+                        .attributes
+                        .insert(ZONE_KEY.to_owned(), Json::String(name.clone())),
+                    None => loaded.customer.attributes.remove(ZONE_KEY),
+                };
+                loaded.customer.timezone = zone;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(customer = %update.customer_id, "profile update: {e}; the time zone is unchanged");
+                if let Some(old) = loaded.customer.timezone.clone() {
+                    loaded
+                        .customer
+                        .attributes
+                        .insert(ZONE_KEY.to_owned(), Json::String(old));
+                } else {
+                    loaded.customer.attributes.remove(ZONE_KEY);
+                }
+            }
         }
         loaded.customer.updated_at = now;
         loaded.customer_dirty = true;
