@@ -5,7 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
-use chrono::{DateTime, FixedOffset};
+use chrono::{DateTime, FixedOffset, Offset};
+use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 
 use crate::de::Spanned;
@@ -157,8 +158,15 @@ pub async fn run_file(path: &Path, registry: &Registry) -> Result<Report, Scenar
     explain_missing_flows(&scenario, &dir, &validation)?;
     let flows: Vec<_> = validation.flows().collect();
     let policy = policy_for(&dir)?;
+    let zone = policy.timezone;
     let outcome = scenario::run(&scenario, &flows, policy, registry.clone()).await?;
-    check(&scenario, &outcome.runtime.store, &outcome.stats).await
+    check_in(
+        &scenario,
+        &outcome.runtime.store,
+        &outcome.stats,
+        Some(zone),
+    )
+    .await
 }
 
 /// The flows a test names (`flow:` and `also:`) that are not among the valid flows beside it,
@@ -251,11 +259,24 @@ fn explain_missing_flows(
     }
 }
 
-/// Check a played scenario's expectations against its store.
+/// Check a played scenario's expectations against its store; times in messages are shown
+/// in each customer's zone when they have one, else at the offset the test file writes.
 pub async fn check<S: Store>(
     sc: &Scenario,
     store: &S,
     stats: &Stats,
+) -> Result<Report, ScenarioError> {
+    check_in(sc, store, stats, None).await
+}
+
+/// [`check`], showing the times of a customer without a zone of their own in `default_zone`
+/// (`canvas.yaml`'s `timezone`): a failure message prints only local times that existed,
+/// with the offset they had, never a reading from a daylight-saving gap.
+pub async fn check_in<S: Store>(
+    sc: &Scenario,
+    store: &S,
+    stats: &Stats,
+    default_zone: Option<Tz>,
 ) -> Result<Report, ScenarioError> {
     let flow = sc.flow.value.as_str();
     let mut failures = Vec::new();
@@ -263,11 +284,26 @@ pub async fn check<S: Store>(
     let conversions = store.conversions(Some(flow)).await?;
     for x in &sc.expect {
         let customer = x.customer.value.as_str();
-        let offset = sc
-            .offsets
-            .get(customer)
-            .copied()
-            .unwrap_or(sc.default_offset);
+        let own_zone = store
+            .load(&[customer.to_owned()], sc.until)
+            .await?
+            .first()
+            .and_then(|c| {
+                c.customer
+                    .zone()
+                    .and_then(|z| crate::state::parse_zone(z).ok())
+            });
+        let zone = own_zone.or(default_zone);
+        let near = |offset: FixedOffset| match zone {
+            Some(tz) => ShowIn::Near(offset, tz),
+            None => ShowIn::Offset(offset),
+        };
+        let offset = near(
+            sc.offsets
+                .get(customer)
+                .copied()
+                .unwrap_or(sc.default_offset),
+        );
         let outbox: Vec<OutboxRow> = store
             .outbox(Some(customer))
             .await?
@@ -313,16 +349,16 @@ pub async fn check<S: Store>(
                     "{} {} at {}",
                     want.channel.value,
                     want.template.value,
-                    show(at.to_utc(), *at.offset())
+                    show(at.to_utc(), near(*at.offset()))
                 );
                 match actual.get(i) {
                     None => {
-                        let why = skipped_note(&history, &want.template.value, *at.offset());
+                        let why = skipped_note(&history, &want.template.value, near(*at.offset()));
                         fail(
                             want.span,
                             format!(
                                 "{customer}: expected {expected}; nothing was sent{why}; {}",
-                                where_is(last, *at.offset())
+                                where_is(last, near(*at.offset()))
                             ),
                         );
                         break;
@@ -357,7 +393,7 @@ pub async fn check<S: Store>(
                                     "{customer}: expected {expected}; sent {} {} at {} instead (step `{}`)",
                                     got.channel,
                                     got.template.as_deref().unwrap_or("-"),
-                                    show(got.created_at, *at.offset()),
+                                    show(got.created_at, near(*at.offset())),
                                     got.step
                                 ),
                             );
@@ -406,8 +442,8 @@ pub async fn check<S: Store>(
                             want.span,
                             format!(
                                 "{customer}: expected a task at {}; none was created; {}",
-                                show(at.to_utc(), *at.offset()),
-                                where_is(last, *at.offset())
+                                show(at.to_utc(), near(*at.offset())),
+                                where_is(last, near(*at.offset()))
                             ),
                         );
                         break;
@@ -422,12 +458,12 @@ pub async fn check<S: Store>(
                                 want.span,
                                 format!(
                                     "{customer}: expected a task at {}{}; got one at {} for {}",
-                                    show(at.to_utc(), *at.offset()),
+                                    show(at.to_utc(), near(*at.offset())),
                                     want.assign
                                         .as_ref()
                                         .map(|a| format!(" for {}", a.value))
                                         .unwrap_or_default(),
-                                    show(got.created_at, *at.offset()),
+                                    show(got.created_at, near(*at.offset())),
                                     got.address.as_deref().unwrap_or("nobody")
                                 ),
                             );
@@ -530,14 +566,57 @@ fn minute(t: Time) -> i64 {
     t.timestamp().div_euclid(60)
 }
 
+/// Where a time is shown: in a zone, with the offset the zone had at that instant, or at a
+/// fixed offset.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ShowIn {
+    Zone(Tz),
+    Offset(FixedOffset),
+    /// At the offset (the one the test file writes), unless the offset is one the zone uses
+    /// at other times of the year but not at this instant: then in the zone, so a time is
+    /// never shown as a local reading that did not exist (02:30 -05:00 in New York on the
+    /// night the clocks jump from 02:00 EST to 03:00 EDT).
+    Near(FixedOffset, Tz),
+}
+
+impl From<FixedOffset> for ShowIn {
+    fn from(offset: FixedOffset) -> ShowIn {
+        ShowIn::Offset(offset)
+    }
+}
+
+impl From<Tz> for ShowIn {
+    fn from(tz: Tz) -> ShowIn {
+        ShowIn::Zone(tz)
+    }
+}
+
 /// `2026-03-14 09:00 +08:00`.
-pub fn show(t: Time, offset: FixedOffset) -> String {
-    let local: DateTime<FixedOffset> = t.with_timezone(&offset);
-    local.format("%Y-%m-%d %H:%M %:z").to_string()
+pub fn show(t: Time, at: impl Into<ShowIn>) -> String {
+    const FORMAT: &str = "%Y-%m-%d %H:%M %:z";
+    match at.into() {
+        ShowIn::Zone(tz) => t.with_timezone(&tz).format(FORMAT).to_string(),
+        ShowIn::Offset(offset) => {
+            let local: DateTime<FixedOffset> = t.with_timezone(&offset);
+            local.format(FORMAT).to_string()
+        }
+        ShowIn::Near(offset, tz) => {
+            let offset_at = |t: Time| t.with_timezone(&tz).offset().fix();
+            // The zone's offsets around the year (standard and daylight saving time).
+            let the_zones = (-6..=6)
+                .map(|months| t + chrono::Duration::days(30 * months))
+                .any(|u| offset_at(u) == offset);
+            if the_zones && offset_at(t) != offset {
+                show(t, tz)
+            } else {
+                show(t, offset)
+            }
+        }
+    }
 }
 
 /// Where the run is, in words.
-fn where_is(run: Option<&Run>, offset: FixedOffset) -> String {
+fn where_is(run: Option<&Run>, offset: ShowIn) -> String {
     let Some(r) = run else {
         return "the customer never entered the flow".to_owned();
     };
@@ -565,7 +644,7 @@ fn where_is(run: Option<&Run>, offset: FixedOffset) -> String {
 }
 
 /// Why a template was not sent, when the history says.
-fn skipped_note(history: &[HistoryEntry], template: &str, offset: FixedOffset) -> String {
+fn skipped_note(history: &[HistoryEntry], template: &str, offset: ShowIn) -> String {
     history
         .iter()
         .rev()

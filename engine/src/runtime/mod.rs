@@ -7,8 +7,6 @@
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 
-use chrono::Utc;
-
 use crate::clock::Clock;
 use crate::eval::{self, Scope};
 use crate::executor::{self, Ctx, Input};
@@ -863,11 +861,10 @@ fn unique<'a>(ids: impl Iterator<Item = &'a str>) -> Vec<String> {
         .collect()
 }
 
+/// The schedule's next tick in the flow's zone, with the daylight-saving policy of
+/// [`crate::local_time`].
 fn next_cron(flow: &CompiledFlow, cron: &croner::Cron, after: Time) -> Option<Time> {
-    let local = after.with_timezone(&flow.timezone);
-    cron.find_next_occurrence(&local, false)
-        .ok()
-        .map(|t| t.with_timezone(&Utc))
+    crate::local_time::next_tick(cron, flow.timezone, after)
 }
 
 /// Segment rechecks fall on multiples of the period since the epoch, so every process and
