@@ -245,7 +245,7 @@ impl<S: Store> Runtime<S> {
     /// segments whose period has come round; `after` is the previous tick.
     pub async fn tick(&self, after: Time, now: Time) -> Result<Stats> {
         let mut due: Vec<Arc<CompiledFlow>> = Vec::new();
-        for flow in self.flows.current() {
+        for flow in self.flows.by_precedence() {
             match &flow.trigger {
                 Trigger::Schedule { cron, .. } => {
                     if next_cron(flow, &cron.cron, after).is_some_and(|t| t <= now) {
@@ -330,6 +330,10 @@ impl<S: Store> Runtime<S> {
 
     /// Evaluate schedule audiences and segment conditions of `flows` for every customer.
     async fn scan(&self, flows: &[Arc<CompiledFlow>], now: Time) -> Result<Stats> {
+        // Flows whose ticks coincide compete for each customer's caps: by precedence.
+        let mut flows = flows.to_vec();
+        flows.sort_by(|a, b| a.precedence().cmp(&b.precedence()));
+        let flows = flows.as_slice();
         let mut stats = Stats::default();
         let mut after: Option<String> = None;
         loop {
@@ -477,9 +481,20 @@ impl<S: Store> Runtime<S> {
         }
     }
 
+    /// A customer's runs in the order competing flows are decided (higher `priority`, then
+    /// the flow id), so the caps go to the flow the operator ranks first — whatever order
+    /// the store returned them in.
+    fn order_runs(&self, loaded: &mut work::Loaded) {
+        loaded.runs.sort_by_cached_key(|(run, _)| {
+            let priority = self.flows.version(&run.version).map_or(0, |f| f.priority);
+            (std::cmp::Reverse(priority), run.flow.clone())
+        });
+    }
+
     fn on_event(&self, cs: &mut Slot<'_>, event: &Event, now: Time) {
         // Runs already going (and ended runs whose goal window is open) see the event first,
         // so a run started by this very event does not count it as its goal.
+        self.order_runs(cs.loaded);
         let loaded = &mut *cs.loaded;
         for i in 0..loaded.runs.len() + loaded.converting.len() {
             let (run, dirty) = if i < loaded.runs.len() {
@@ -532,6 +547,7 @@ impl<S: Store> Runtime<S> {
     }
 
     fn on_profile(&self, cs: &mut Slot<'_>, update: &ProfileUpdate, now: Time) {
+        self.order_runs(cs.loaded);
         let loaded = &mut *cs.loaded;
         for (k, v) in &update.set {
             if v.is_null() {
@@ -581,7 +597,7 @@ impl<S: Store> Runtime<S> {
             absorb(tr, dirty, &mut loaded.customer_dirty, cs.batch);
         }
         loaded.settle();
-        for flow in self.flows.current() {
+        for flow in self.flows.by_precedence() {
             if matches!(flow.trigger, Trigger::Segment { .. }) {
                 self.segment_edge(cs, flow, now);
             }
@@ -607,6 +623,7 @@ impl<S: Store> Runtime<S> {
     }
 
     fn on_timers(&self, cs: &mut Slot<'_>, now: Time) {
+        self.order_runs(cs.loaded);
         let loaded = &mut *cs.loaded;
         for (run, dirty) in &mut loaded.runs {
             if run.wake_at.is_none_or(|w| w > now) || self.paused.contains(&run.flow) {
