@@ -81,8 +81,9 @@ enum Command {
         #[command(flatten)]
         store: serve::config::StoreArgs,
     },
-    /// Apply the inbox and fire due timers once, then exit (a batch job; `canvas serve` will
-    /// do this continuously). Safe to kill and rerun at any moment.
+    /// Apply the inbox and fire due timers once, then exit: a batch job (`canvas serve` does
+    /// this continuously, and also fires schedules and segment rechecks). Safe to kill and
+    /// rerun at any moment.
     Run {
         #[command(flatten)]
         store: serve::config::StoreArgs,
