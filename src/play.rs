@@ -173,6 +173,7 @@ pub fn simulate(
         .with_context(|| format!("reading flows in {}", dir.display()))?;
     let flows: Vec<_> = validation.flows().collect();
     let policy = testing::policy_for(&dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let default_zone = policy.timezone;
     let rt = runtime()?;
     let outcome = match rt.block_on(scenario::run(&scenario, &flows, policy, registry.clone())) {
         Ok(o) => o,
@@ -189,24 +190,33 @@ pub fn simulate(
     for id in &scenario.customer_ids {
         let history = rt.block_on(store.history(Some(id)))?;
         let outbox = rt.block_on(store.outbox(Some(id)))?;
-        traces.push((id.clone(), history, outbox));
+        // Times in the customer's zone, never a local reading that did not exist.
+        let zone = rt
+            .block_on(store.load(std::slice::from_ref(id), scenario.until))?
+            .first()
+            .and_then(|c| c.customer.zone().and_then(|z| z.parse().ok()))
+            .unwrap_or(default_zone);
+        traces.push((id.clone(), history, outbox, zone));
     }
     let mut out = std::io::stdout().lock();
     match format {
         Format::Json => {
             let value: Vec<_> = traces
                 .iter()
-                .map(|(id, h, o)| json!({ "customer": id, "history": h, "outbox": o }))
+                .map(|(id, h, o, _)| json!({ "customer": id, "history": h, "outbox": o }))
                 .collect();
             writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
         }
         Format::Human | Format::Github => {
-            for (id, history, outbox) in &traces {
-                let offset = scenario
-                    .offsets
-                    .get(id)
-                    .copied()
-                    .unwrap_or(scenario.default_offset);
+            for (id, history, outbox, zone) in &traces {
+                let offset = testing::ShowIn::Near(
+                    scenario
+                        .offsets
+                        .get(id)
+                        .copied()
+                        .unwrap_or(scenario.default_offset),
+                    *zone,
+                );
                 writeln!(out, "{id}")?;
                 if history.is_empty() {
                     writeln!(out, "  (never entered {flow_id})")?;
@@ -231,8 +241,14 @@ pub fn simulate(
                 scenario.customer_ids.len(),
                 outcome.stats.transitions,
                 outcome.stats.outbox,
-                testing::show(scenario.start, scenario.default_offset),
-                testing::show(scenario.until, scenario.default_offset)
+                testing::show(
+                    scenario.start,
+                    testing::ShowIn::Near(scenario.default_offset, default_zone)
+                ),
+                testing::show(
+                    scenario.until,
+                    testing::ShowIn::Near(scenario.default_offset, default_zone)
+                )
             )?;
         }
     }
@@ -240,7 +256,7 @@ pub fn simulate(
 }
 
 /// One history row in words; times in the customer's offset.
-fn describe(h: &HistoryEntry, outbox: &[OutboxRow], offset: chrono::FixedOffset) -> String {
+fn describe(h: &HistoryEntry, outbox: &[OutboxRow], offset: testing::ShowIn) -> String {
     let d = &h.detail;
     let s = |k: &str| d.get(k).and_then(|v| v.as_str()).unwrap_or("").to_owned();
     let time = |k: &str| {

@@ -210,3 +210,36 @@ fn failure_messages_printed_local_times_that_did_not_exist() {
         assert!(!text.contains(never), "prints `{never}`: {text}");
     }
 }
+
+#[test]
+fn simulate_printed_local_times_that_did_not_exist() {
+    // The timeline is written at New York's winter offset; the tick moved out of the gap
+    // went out at 03:00 EDT, which the fixed offset would print as 02:00 -05:00.
+    let dir = project(
+        &scheduled("30 2 * * *"),
+        &schedule_test(
+            "2027-03-14T00:00:00-05:00",
+            "2027-03-14T12:00:00-04:00",
+            &["2027-03-14T03:00-04:00"],
+        ),
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_canvas"))
+        .args([
+            "simulate",
+            "f",
+            "--timeline",
+            "flows/f.test.yaml",
+            "--flows",
+            "flows",
+        ])
+        .current_dir(dir.path())
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", said(&out));
+    let text = said(&out);
+    assert!(text.contains("2027-03-14 03:00 -04:00"), "{text}");
+    for never in ["02:00 -05:00", "02:30 -05:00"] {
+        assert!(!text.contains(never), "prints `{never}`: {text}");
+    }
+}
