@@ -126,3 +126,28 @@ fn status_created_an_empty_database_and_said_no_runs_yet() {
     );
     assert!(!missing.exists());
 }
+
+#[tokio::test]
+async fn status_created_tables_in_an_empty_postgres_database_postgres() {
+    let fresh = FreshDb::create(&pg_base(), "canvas_settings_empty_pg").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (path, url) = (dir.path().to_owned(), fresh.url.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        canvas_in(&path, &["status"], &[("CANVAS_DATABASE_URL", &url)])
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no database at postgres://") && stderr.contains("no Canvas tables"),
+        "{stderr}"
+    );
+    let peek = common::Peek::connect(&fresh.url).await;
+    let tables = peek
+        .number("SELECT COUNT(*) FROM pg_tables WHERE schemaname = 'public'")
+        .await;
+    peek.close().await;
+    assert_eq!(tables, 0, "status created tables");
+    fresh.drop_it().await;
+}

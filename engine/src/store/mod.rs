@@ -390,16 +390,20 @@ impl Database {
             ));
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            return Ok(Database::Postgres(
-                PgStore::connect_with_timeout(url, timeout).await?,
-            ));
+            let store = if must_exist {
+                PgStore::connect_existing(url, timeout).await?
+            } else {
+                PgStore::connect_with_timeout(url, timeout).await?
+            };
+            return Ok(Database::Postgres(store));
         }
         Err(StoreError::Url(redact(url).into_owned()))
     }
 
     /// [`Database::connect_with`] on a database that must exist already: a `sqlite://PATH`
-    /// whose file is missing is [`StoreError::Missing`], and nothing is created. (A Postgres
-    /// database that does not exist fails to connect.)
+    /// whose file is missing, or a Postgres database without Canvas's tables, is
+    /// [`StoreError::Missing`], and nothing is created. (A Postgres database that does not
+    /// exist at all fails to connect.)
     pub async fn open_existing(url: &str, timeout: Duration) -> Result<Database> {
         Database::open(url, timeout, true).await
     }
