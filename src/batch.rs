@@ -109,8 +109,9 @@ pub fn run(
     let validation = canvas_engine::validate_paths(&[PathBuf::from(flows)], registry)?;
     if !validation.is_valid() {
         bail!(
-            "{} has errors; run `canvas validate {}`",
+            "{} has errors: {}; run `canvas validate {}`",
             flows.display(),
+            crate::output::first_errors(&validation),
             flows.display()
         );
     }

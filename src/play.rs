@@ -153,8 +153,9 @@ pub fn simulate(
         let v = canvas_engine::validate_paths(std::slice::from_ref(&as_file), registry)?;
         let Some(f) = v.flows().next() else {
             bail!(
-                "{} does not validate; run `canvas validate {}`",
+                "{} does not validate: {}; run `canvas validate {}`",
                 as_file.display(),
+                crate::output::first_errors(&v),
                 as_file.display()
             );
         };

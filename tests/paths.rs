@@ -171,3 +171,38 @@ fn canvas_yaml_above_a_subfolder_was_not_found_from_inside_it() {
     let out = canvas_in(&seasonal, &["test", "welcome.test.yaml"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }
+
+#[test]
+fn run_and_simulate_on_a_broken_flow_did_not_say_why() {
+    let root = project();
+    let flow = root.path().join("flows/seasonal/welcome.yaml");
+    let good = std::fs::read_to_string(&flow).unwrap();
+    std::fs::write(&flow, good.replace("on_timeout: done", "on_timeout: dne")).unwrap();
+    let out = canvas_in(
+        root.path(),
+        &["run", "--flows", "flows", "--database", "sqlite://c.db"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let said = text(&out);
+    assert!(
+        said.contains("flows has errors: ")
+            && said.contains("welcome.yaml:")
+            && said.contains("unknown step `dne`"),
+        "{said}"
+    );
+    let out = canvas_in(
+        root.path(),
+        &[
+            "simulate",
+            "flows/seasonal/welcome.yaml",
+            "--timeline",
+            "flows/seasonal/welcome.test.yaml",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let said = text(&out);
+    assert!(
+        said.contains("does not validate: ") && said.contains("unknown step `dne`"),
+        "{said}"
+    );
+}
