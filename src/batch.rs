@@ -13,7 +13,7 @@ use canvas_engine::clock::{Clock, SystemClock};
 use canvas_engine::runtime::{FlowSet, Runtime, Stats};
 use canvas_engine::scenario::parse_time;
 use canvas_engine::state::InboxItem;
-use canvas_engine::store::{Database, DatabaseUrl, Store};
+use canvas_engine::store::{Database, Store};
 
 /// The longest line `canvas ingest` reads.
 pub const MAX_LINE_BYTES: usize = 1024 * 1024;
@@ -59,16 +59,23 @@ pub fn read_items(path: &Path) -> anyhow::Result<Vec<InboxItem>> {
         if item.customer_id().is_empty() {
             bail!("{}:{n}: `customer_id` is empty", path.display());
         }
+        // `timezone` and `set.timezone` are the customer's one zone: a bad one is refused.
+        if let InboxItem::Profile(update) = &item
+            && let Err(e) = update.zone()
+        {
+            bail!("{}:{n}: {e}", path.display());
+        }
         items.push(item);
     }
     Ok(items)
 }
 
-pub fn ingest(file: &Path, database: &DatabaseUrl) -> anyhow::Result<ExitCode> {
+pub fn ingest(file: &Path, store: crate::serve::config::Store) -> anyhow::Result<ExitCode> {
     let items = read_items(file)?;
+    let database = &store.database;
     let rt = runtime()?;
     rt.block_on(async {
-        let db = Database::connect(database.expose())
+        let db = Database::connect_with(database.expose(), store.database_timeout)
             .await
             .with_context(|| format!("opening {database}"))?;
         let mut accepted = 0;
@@ -87,8 +94,7 @@ pub fn ingest(file: &Path, database: &DatabaseUrl) -> anyhow::Result<ExitCode> {
 
 /// Apply the inbox and fire every timer due at `at` (default: now by the system clock).
 pub fn run(
-    database: &DatabaseUrl,
-    flows: &Path,
+    store: crate::serve::config::Store,
     at: Option<&str>,
     batch: usize,
     registry: &Registry,
@@ -99,19 +105,22 @@ pub fn run(
             .to_utc(),
         None => SystemClock.now(),
     };
+    let flows = store.flows.as_path();
     let validation = canvas_engine::validate_paths(&[PathBuf::from(flows)], registry)?;
     if !validation.is_valid() {
         bail!(
-            "{} has errors; run `canvas validate {}`",
+            "{} has errors: {}; run `canvas validate {}`",
             flows.display(),
+            crate::output::first_errors(&validation),
             flows.display()
         );
     }
     let flow_set = FlowSet::new(validation.flows().cloned());
-    let policy = canvas_engine::testing::policy_for(flows).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let policy = store.policy;
+    let database = &store.database;
     let rt = runtime()?;
     rt.block_on(async {
-        let db = Database::connect(database.expose())
+        let db = Database::connect_with(database.expose(), store.database_timeout)
             .await
             .with_context(|| format!("opening {database}"))?;
         let mut runtime = Runtime::new(db, flow_set, policy, registry.clone());

@@ -79,7 +79,7 @@ pub fn check_policies(
 ) {
     let mut seen = std::collections::BTreeSet::new();
     for p in paths.iter().filter(|p| p.is_dir()) {
-        for dir in [Some(p.as_path()), p.parent()].into_iter().flatten() {
+        for dir in canvas_engine::project::folders_up(p).into_iter().take(2) {
             let file = dir.join(canvas_engine::policy::FILE_NAME);
             if !file.is_file() || !seen.insert(file.clone()) {
                 continue;

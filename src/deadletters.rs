@@ -9,10 +9,11 @@ use std::process::ExitCode;
 use anyhow::Context;
 use canvas_engine::clock::{Clock, SystemClock};
 use canvas_engine::state::{DeadLetterFilter, DeliveryStatus, OutboxKind};
-use canvas_engine::store::{Database, DatabaseUrl, Store, redact};
+use canvas_engine::store::{Database, Store as _, redact};
 use serde_json::json;
 
 use crate::Format;
+use crate::serve::config::Store;
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
@@ -21,20 +22,18 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-async fn open(database: &DatabaseUrl) -> anyhow::Result<Database> {
-    Database::connect(database.expose())
+/// The daemon's database, which must exist: reading dead letters never creates one.
+async fn open(store: &Store) -> anyhow::Result<Database> {
+    let database = &store.database;
+    Database::open_existing(database.expose(), store.database_timeout)
         .await
         .with_context(|| format!("opening {database}"))
 }
 
-pub fn list(
-    database: &DatabaseUrl,
-    filter: DeadLetterFilter,
-    format: Format,
-) -> anyhow::Result<ExitCode> {
+pub fn list(store: Store, filter: DeadLetterFilter, format: Format) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
     let dead =
-        rt.block_on(async { anyhow::Ok(open(database).await?.dead_letters(&filter).await?) })?;
+        rt.block_on(async { anyhow::Ok(open(&store).await?.dead_letters(&filter).await?) })?;
     let mut out = std::io::stdout().lock();
     match format {
         Format::Json => {
@@ -126,7 +125,7 @@ impl std::fmt::Display for Refusal {
 
 /// Send the dead letter `key` again under its own idempotency key, unless that would answer
 /// nobody (a call) or reach the customer twice (the step fell back to another channel).
-pub async fn send_again<S: Store>(
+pub async fn send_again<S: canvas_engine::store::Store>(
     db: &S,
     key: &str,
     now: canvas_engine::state::Time,
@@ -160,10 +159,10 @@ pub async fn send_again<S: Store>(
     Ok(Ok(()))
 }
 
-pub fn retry(database: &DatabaseUrl, key: &str) -> anyhow::Result<ExitCode> {
+pub fn retry(store: Store, key: &str) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
     let outcome = rt.block_on(async {
-        let db = open(database).await?;
+        let db = open(&store).await?;
         anyhow::Ok(send_again(&db, key, SystemClock.now()).await?)
     })?;
     match outcome {

@@ -17,7 +17,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
-use canvas_engine::store::DatabaseUrl;
 
 /// mimalloc instead of glibc's malloc: the engine allocates and frees many short-lived
 /// strings across threads (rows built on one thread, freed on another), where glibc spent
@@ -38,8 +37,8 @@ struct Cli {
 enum DeadLetters {
     /// The dead letters, most recently dead first.
     List {
-        #[arg(long, default_value = "sqlite://canvas.db")]
-        database: DatabaseUrl,
+        #[command(flatten)]
+        store: serve::config::StoreArgs,
         #[arg(long)]
         flow: Option<String>,
         #[arg(long)]
@@ -56,8 +55,8 @@ enum DeadLetters {
     Retry {
         /// The outbox key (`RUN_ID/STEP_ID`), as `list` prints it.
         key: String,
-        #[arg(long, default_value = "sqlite://canvas.db")]
-        database: DatabaseUrl,
+        #[command(flatten)]
+        store: serve::config::StoreArgs,
     },
 }
 
@@ -108,16 +107,15 @@ enum Command {
         /// A file of JSON lines: `{"kind":"event","id":…,"customer_id":…,"name":…,
         /// "data":{…},"occurred_at":"…"}` or `{"kind":"profile","customer_id":…,"set":{…},"at":"…"}`.
         file: PathBuf,
-        #[arg(long, default_value = "sqlite://canvas.db")]
-        database: DatabaseUrl,
+        #[command(flatten)]
+        store: serve::config::StoreArgs,
     },
-    /// Apply the inbox and fire due timers once, then exit (a batch job; `canvas serve` will
-    /// do this continuously). Safe to kill and rerun at any moment.
+    /// Apply the inbox and fire due timers once, then exit: a batch job (`canvas serve` does
+    /// this continuously, and also fires schedules and segment rechecks). Safe to kill and
+    /// rerun at any moment.
     Run {
-        #[arg(long, default_value = "sqlite://canvas.db")]
-        database: DatabaseUrl,
-        #[arg(long, default_value = "flows")]
-        flows: PathBuf,
+        #[command(flatten)]
+        store: serve::config::StoreArgs,
         /// Run as if it were this time (`2026-03-14T09:00+08:00`); default: now.
         #[arg(long)]
         at: Option<String>,
@@ -128,8 +126,8 @@ enum Command {
     /// Where customers are and what the journeys achieved: runs waiting at each step,
     /// conversions per arm, and the lift of a holdout.
     Status {
-        #[arg(long, default_value = "sqlite://canvas.db")]
-        database: DatabaseUrl,
+        #[command(flatten)]
+        store: serve::config::StoreArgs,
         /// One flow only.
         #[arg(long)]
         flow: Option<String>,
@@ -281,21 +279,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .write_all(canvas_engine::schema::flow_schema_json().as_bytes())?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Ingest { file, database } => batch::ingest(&file, &database),
+        Command::Ingest { file, store } => batch::ingest(&file, store.resolve()?),
         Command::Run {
-            database,
-            flows,
+            store,
             at,
             batch: size,
-        } => batch::run(&database, &flows, at.as_deref(), size.max(1), &registry),
+        } => batch::run(store.resolve()?, at.as_deref(), size.max(1), &registry),
         Command::Status {
-            database,
+            store,
             flow,
             format,
-        } => status::status(&database, flow.as_deref(), format),
+        } => status::status(store.resolve()?, flow.as_deref(), format),
         Command::Deadletters { action } => match action {
             DeadLetters::List {
-                database,
+                store,
                 flow,
                 channel,
                 reason,
@@ -308,9 +305,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     reason,
                     limit: limit.clamp(1, 100_000),
                 };
-                deadletters::list(&database, filter, format)
+                deadletters::list(store.resolve()?, filter, format)
             }
-            DeadLetters::Retry { key, database } => deadletters::retry(&database, &key),
+            DeadLetters::Retry { key, store } => deadletters::retry(store.resolve()?, &key),
         },
         Command::Test { paths, format } => play::test(paths, format, &registry),
         Command::Simulate {

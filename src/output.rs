@@ -98,3 +98,20 @@ pub fn validation(
 fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
 }
+
+/// Why a set of flows does not validate, in a line or three: the first diagnostics, each
+/// with file:line:col, and how many more there are.
+pub fn first_errors(validation: &canvas_engine::Validation) -> String {
+    let first: Vec<String> = validation
+        .diagnostics
+        .iter()
+        .take(3)
+        .map(|d| d.headline())
+        .collect();
+    let more = validation.diagnostics.len().saturating_sub(first.len());
+    let mut text = first.join("; ");
+    if more > 0 {
+        text.push_str(&format!(" (and {more} more)"));
+    }
+    text
+}

@@ -153,18 +153,13 @@ pub fn simulate(
         let v = canvas_engine::validate_paths(std::slice::from_ref(&as_file), registry)?;
         let Some(f) = v.flows().next() else {
             bail!(
-                "{} does not validate; run `canvas validate {}`",
+                "{} does not validate: {}; run `canvas validate {}`",
                 as_file.display(),
+                crate::output::first_errors(&v),
                 as_file.display()
             );
         };
-        (
-            as_file
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| PathBuf::from(".")),
-            f.id.clone(),
-        )
+        (canvas_engine::project::folder_of(&as_file), f.id.clone())
     } else {
         (flows_dir.to_path_buf(), flow.to_owned())
     };
@@ -179,6 +174,7 @@ pub fn simulate(
         .with_context(|| format!("reading flows in {}", dir.display()))?;
     let flows: Vec<_> = validation.flows().collect();
     let policy = testing::policy_for(&dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let default_zone = policy.timezone;
     let rt = runtime()?;
     let outcome = match rt.block_on(scenario::run(&scenario, &flows, policy, registry.clone())) {
         Ok(o) => o,
@@ -196,26 +192,35 @@ pub fn simulate(
         let history = rt.block_on(store.history(Some(id)))?;
         let outbox = rt.block_on(store.outbox(Some(id)))?;
         let failures = rt.block_on(store.failures(id))?;
-        traces.push((id.clone(), history, outbox, failures));
+        // Times in the customer's zone, never a local reading that did not exist.
+        let zone = rt
+            .block_on(store.load(std::slice::from_ref(id), scenario.until))?
+            .first()
+            .and_then(|c| c.customer.zone().and_then(|z| z.parse().ok()))
+            .unwrap_or(default_zone);
+        traces.push((id.clone(), history, outbox, failures, zone));
     }
     let mut out = std::io::stdout().lock();
     match format {
         Format::Json => {
             let value: Vec<_> = traces
                 .iter()
-                .map(|(id, h, o, f)| {
+                .map(|(id, h, o, f, _)| {
                     json!({ "customer": id, "history": h, "outbox": o, "failures": f })
                 })
                 .collect();
             writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
         }
         Format::Human | Format::Github => {
-            for (id, history, outbox, failures) in &traces {
-                let offset = scenario
-                    .offsets
-                    .get(id)
-                    .copied()
-                    .unwrap_or(scenario.default_offset);
+            for (id, history, outbox, failures, zone) in &traces {
+                let offset = testing::ShowIn::Near(
+                    scenario
+                        .offsets
+                        .get(id)
+                        .copied()
+                        .unwrap_or(scenario.default_offset),
+                    *zone,
+                );
                 writeln!(out, "{id}")?;
                 let entered = history.iter().any(|h| h.flow == flow_id);
                 let why: Vec<&str> = failures
@@ -263,8 +268,14 @@ pub fn simulate(
                 scenario.customer_ids.len(),
                 outcome.stats.transitions,
                 outcome.stats.outbox,
-                testing::show(scenario.start, scenario.default_offset),
-                testing::show(scenario.until, scenario.default_offset)
+                testing::show(
+                    scenario.start,
+                    testing::ShowIn::Near(scenario.default_offset, default_zone)
+                ),
+                testing::show(
+                    scenario.until,
+                    testing::ShowIn::Near(scenario.default_offset, default_zone)
+                )
             )?;
         }
     }
@@ -272,7 +283,7 @@ pub fn simulate(
 }
 
 /// One history row in words; times in the customer's offset.
-fn describe(h: &HistoryEntry, outbox: &[OutboxRow], offset: chrono::FixedOffset) -> String {
+fn describe(h: &HistoryEntry, outbox: &[OutboxRow], offset: testing::ShowIn) -> String {
     let d = &h.detail;
     let s = |k: &str| d.get(k).and_then(|v| v.as_str()).unwrap_or("").to_owned();
     let time = |k: &str| {

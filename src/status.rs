@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use canvas_engine::state::{Arm, FailureCount};
-use canvas_engine::store::{ArmCount, Database, DatabaseUrl, NodeCount, Store};
+use canvas_engine::store::{ArmCount, Database, NodeCount, Store};
 use serde_json::json;
 
 use crate::Format;
@@ -158,8 +158,9 @@ fn plural(n: u64, what: &str) -> String {
     }
 }
 
+/// Read-only: a database that is not there is an error ("no database at …"), never created.
 pub fn status(
-    database: &DatabaseUrl,
+    store: crate::serve::config::Store,
     flow: Option<&str>,
     format: Format,
 ) -> anyhow::Result<ExitCode> {
@@ -168,7 +169,8 @@ pub fn status(
         .build()
         .context("starting the async runtime")?;
     let report = rt.block_on(async {
-        let db = Database::connect(database.expose())
+        let database = &store.database;
+        let db = Database::open_existing(database.expose(), store.database_timeout)
             .await
             .with_context(|| format!("opening {database}"))?;
         anyhow::Ok(Report::read(&db, flow).await?)

@@ -224,6 +224,7 @@ impl<'a> Cx<'a> {
             None => Some(chrono_tz::UTC),
             Some(tz) => self.timezone(tz),
         };
+        let priority = self.flow_priority(raw);
         let trigger = self.trigger(raw);
         let entry = self.entry(raw);
         let exits = self.exits(raw);
@@ -259,6 +260,7 @@ impl<'a> Cx<'a> {
                 .map_or_else(|| raw.flow.value.clone(), |n| n.value.clone()),
             description: raw.description.as_ref().map(|d| d.value.clone()),
             timezone: timezone?,
+            priority: priority?,
             trigger: trigger?,
             entry: entry?,
             exits: exits?,
@@ -286,6 +288,35 @@ impl<'a> Cx<'a> {
         }
         let digest = h.finalize();
         FlowHash(digest.iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    /// The flow's `priority`, checked against [`crate::flow::PRIORITY_RANGE`].
+    fn flow_priority(&mut self, raw: &RawFlow) -> Option<i16> {
+        let Some(p) = &raw.priority else {
+            return Some(0);
+        };
+        let range = crate::flow::PRIORITY_RANGE;
+        match i16::try_from(p.value) {
+            Ok(v) if range.contains(&p.value) => Some(v),
+            _ => {
+                let d = self.error(
+                    Code::WrongType,
+                    p.span,
+                    format!(
+                        "`priority` is {}; it must be a whole number from {} to {}",
+                        p.value,
+                        range.start(),
+                        range.end()
+                    ),
+                );
+                d.help = Some(
+                    "higher wins when flows compete for a capped moment (default 0); keep to a \
+                     few values such as 10 for service flows and -10 for promotions"
+                        .to_owned(),
+                );
+                None
+            }
+        }
     }
 
     fn check_id(&mut self, id: &Spanned<String>, what: &str) -> bool {

@@ -22,7 +22,7 @@ use cel::context::VariableResolver;
 use cel::{Context, ExecutionError, FunctionContext, Value as CelValue};
 use chrono::{
     DateTime, Datelike, Duration as ChronoDuration, FixedOffset, NaiveDate, NaiveDateTime,
-    NaiveTime, SecondsFormat, TimeZone, Utc, Weekday,
+    NaiveTime, SecondsFormat, Utc, Weekday,
 };
 use chrono_tz::Tz;
 use serde_json::{Map, Value as Json};
@@ -538,23 +538,10 @@ fn local_midnight(d: NaiveDate, tz: Tz) -> DateTime<Tz> {
     resolve_local(d.and_time(NaiveTime::MIN), tz)
 }
 
-/// A local clock reading as an instant: the earlier one when the clock is set back and the
-/// reading happens twice, the first valid minute after the gap when it is set forward and the
-/// reading never happens (02:30 on a spring-forward night is 03:00).
+/// A local clock reading as an instant, by the daylight-saving policy of
+/// [`crate::local_time`].
 fn resolve_local(naive: NaiveDateTime, tz: Tz) -> DateTime<Tz> {
-    if let Some(t) = tz.from_local_datetime(&naive).earliest() {
-        return t;
-    }
-    // Gaps are an hour or so; the longest ever (Samoa, 2011) was a day.
-    for minutes in 1..=(48 * 60) {
-        if let Some(t) = tz
-            .from_local_datetime(&(naive + ChronoDuration::minutes(minutes)))
-            .earliest()
-        {
-            return t;
-        }
-    }
-    tz.from_utc_datetime(&naive)
+    crate::local_time::resolve(naive, tz)
 }
 
 fn days_since(args: &[&dyn Val], clock: Clock) -> Result<Out, String> {

@@ -160,7 +160,7 @@ pub fn new_run(
 /// The customer's own time zone, else the engine's default from `canvas.yaml` — never the
 /// flow's: a customer lives in one zone whichever flow speaks to them.
 pub fn customer_tz(customer: &Customer, policy: &Policy) -> Tz {
-    policy.customer_zone(customer.timezone.as_deref())
+    policy.customer_zone(customer.zone())
 }
 
 /// End a waiting run from outside the flow (the customer opted out of everything); the

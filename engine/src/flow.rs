@@ -37,6 +37,9 @@ pub struct CompiledFlow {
     pub name: String,
     pub description: Option<String>,
     pub timezone: chrono_tz::Tz,
+    /// Who goes first when flows compete for a customer's capped moment: higher first, then
+    /// the flow id (see [`CompiledFlow::precedence`]).
+    pub priority: i16,
     pub trigger: Trigger,
     pub entry: Entry,
     pub exits: Vec<ExitRule>,
@@ -55,7 +58,16 @@ pub struct CompiledFlow {
     pub sites: BTreeMap<String, Span>,
 }
 
+/// The range of a flow's `priority`.
+pub const PRIORITY_RANGE: std::ops::RangeInclusive<i64> = -1000..=1000;
+
 impl CompiledFlow {
+    /// The order in which flows are decided when several want one customer at one moment:
+    /// sort by this key — higher `priority` first, then the flow id.
+    pub fn precedence(&self) -> (std::cmp::Reverse<i16>, &str) {
+        (std::cmp::Reverse(self.priority), self.id.as_str())
+    }
+
     pub fn step(&self, id: &str) -> Option<NodeIndex> {
         self.graph.node_indices().find(|&i| self.graph[i].id == id)
     }

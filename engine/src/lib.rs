@@ -8,6 +8,7 @@ pub mod duration;
 pub mod eval;
 pub mod expr;
 pub mod flow;
+pub mod local_time;
 pub mod model;
 pub mod policy;
 pub mod project;

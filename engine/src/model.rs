@@ -28,6 +28,12 @@ pub struct RawFlow {
     /// IANA time zone for schedules and clock times (default UTC); customers may carry their own.
     #[schemars(with = "Option<TimeZone>")]
     pub timezone: Option<S<String>>,
+    /// When several marketing flows want the same customer at the same moment and the caps
+    /// allow fewer messages: the higher priority sends first (then the flow id). A whole
+    /// number from -1000 to 1000; default 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = -1000, max = 1000))]
+    pub priority: Option<S<i64>>,
     /// How customers enter: exactly one of `event`, `schedule` or `segment`.
     pub trigger: S<RawTrigger>,
     /// Re-entry rule. Without it a customer has at most one active run of this flow.

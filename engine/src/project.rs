@@ -23,6 +23,9 @@ pub enum ProjectError {
     /// A path given on the command line does not exist.
     #[error("{0}: no such file or folder")]
     NotFound(PathBuf),
+    /// A flow test (`*.test.yaml`) given to `canvas validate`.
+    #[error("{0} is a flow test, not a flow: run `canvas test {0}`")]
+    TestFile(PathBuf),
     /// A folder holds no flow files.
     #[error("{0}: no flow files (*.yaml, *.yml) found")]
     NoFlows(PathBuf),
@@ -85,6 +88,50 @@ pub fn is_flow_file(path: &Path) -> bool {
         && name != crate::policy::FILE_NAME
 }
 
+/// The folder a file is in, as a path that can be read: `.` for a bare file name (whose
+/// `parent()` is the empty path).
+pub fn folder_of(file: &Path) -> PathBuf {
+    match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// `dir`, then every folder above it up to the root, each spelled from `dir` as it was given:
+/// `flows/seasonal`, `flows`, `` (the working folder), `..`, `../..`, … — so a relative path
+/// (with or without `./`, or from inside a subfolder) finds what lies above its first
+/// component, and the paths shown in messages stay the operator's.
+pub fn folders_up(dir: &Path) -> Vec<PathBuf> {
+    let real = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let depth = std::fs::canonicalize(real)
+        .map(|c| c.ancestors().count())
+        // A folder that is not there: its ancestors as written.
+        .unwrap_or_else(|_| dir.components().count() + 1)
+        .min(MAX_FOLDER_DEPTH * 8);
+    let mut out = Vec::with_capacity(depth);
+    let mut d = dir.to_path_buf();
+    for _ in 0..depth {
+        let next = up(&d);
+        out.push(std::mem::replace(&mut d, next));
+    }
+    out
+}
+
+/// The folder above `d`, spelled from `d`.
+fn up(d: &Path) -> PathBuf {
+    use std::path::Component;
+    match d.components().next_back() {
+        Some(Component::Normal(_)) => d.parent().map(Path::to_path_buf).unwrap_or_default(),
+        Some(Component::CurDir) | None => PathBuf::from(".."),
+        Some(Component::ParentDir) => d.join(".."),
+        Some(Component::RootDir | Component::Prefix(_)) => d.to_path_buf(),
+    }
+}
+
 /// The flow files under `paths`: files as given, folders searched recursively (skipping
 /// `templates/` and hidden folders), sorted.
 pub fn discover(paths: &[PathBuf]) -> Result<Vec<PathBuf>, ProjectError> {
@@ -103,6 +150,8 @@ pub fn discover(paths: &[PathBuf]) -> Result<Vec<PathBuf>, ProjectError> {
             if out.len() == before {
                 return Err(ProjectError::NoFlows(path.clone()));
             }
+        } else if crate::testing::is_test_file(path) {
+            return Err(ProjectError::TestFile(path.clone()));
         } else {
             out.push(path.clone());
         }

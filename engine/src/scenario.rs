@@ -99,7 +99,7 @@ pub(crate) struct RawProfile {
     #[serde(default)]
     pub set: Map<String, Json>,
     #[serde(default)]
-    pub timezone: Option<String>,
+    pub timezone: Option<Spanned<String>>,
 }
 
 /// A parsed scenario, times resolved.
@@ -324,23 +324,21 @@ pub fn parse(path: &Path, text: &str, flow: Option<&str>) -> Result<Scenario, Sc
             );
             continue;
         }
-        if let Some(tz) = &c.timezone
-            && tz.value.parse::<chrono_tz::Tz>().is_err()
-        {
-            errs.at(tz.span, format!("`{}` is not an IANA time zone", tz.value));
-        }
         ids.push(c.id.value.clone());
-        if let Some(s) = start_utc {
-            timeline.push((
-                s,
-                InboxItem::Profile(ProfileUpdate {
-                    id: None,
-                    customer_id: c.id.value.clone(),
-                    set: c.attributes.clone(),
-                    timezone: c.timezone.as_ref().map(|t| t.value.clone()),
-                    at: s,
-                }),
-            ));
+        let update = ProfileUpdate {
+            id: None,
+            customer_id: c.id.value.clone(),
+            set: c.attributes.clone(),
+            timezone: c.timezone.as_ref().map(|t| t.value.clone()),
+            at: start_utc.unwrap_or_default(),
+        };
+        // `timezone:` and `attributes: { timezone }` are the one zone.
+        if let Err(e) = update.zone() {
+            let span = c.timezone.as_ref().map_or(c.id.span, |t| t.span);
+            errs.at(span, format!("customer `{}`: {e}", c.id.value));
+        }
+        if start_utc.is_some() {
+            timeline.push((update.at, InboxItem::Profile(update)));
         }
     }
     let known = |errs: &mut Errors, c: &Spanned<String>| {
@@ -390,16 +388,27 @@ pub fn parse(path: &Path, text: &str, flow: Option<&str>) -> Result<Scenario, Sc
     }
     for p in &raw.profiles {
         known(&mut errs, &p.customer);
+        let update = ProfileUpdate {
+            id: None,
+            customer_id: p.customer.value.clone(),
+            set: p.set.clone(),
+            timezone: p.timezone.as_ref().map(|t| t.value.clone()),
+            at: Time::default(),
+        };
+        if let Err(e) = update.zone() {
+            let span = p.timezone.as_ref().map_or(p.customer.span, |t| t.span);
+            errs.at(
+                span,
+                format!("profile update of `{}`: {e}", p.customer.value),
+            );
+        }
         let Some(at) = errs.time(&p.at) else { continue };
         in_range(&mut errs, &p.at, at);
         timeline.push((
             at.to_utc(),
             InboxItem::Profile(ProfileUpdate {
-                id: None,
-                customer_id: p.customer.value.clone(),
-                set: p.set.clone(),
-                timezone: p.timezone.clone(),
                 at: at.to_utc(),
+                ..update
             }),
         ));
     }

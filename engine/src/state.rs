@@ -40,6 +40,15 @@ impl Customer {
         profile
     }
 
+    /// The customer's one time zone: the `timezone` field, which a profile update sets from
+    /// either spelling (`timezone` or `set: { timezone }`), else a `timezone` attribute
+    /// written before both spellings meant the same.
+    pub fn zone(&self) -> Option<&str> {
+        self.timezone
+            .as_deref()
+            .or_else(|| self.attributes.get(ZONE_KEY).and_then(Json::as_str))
+    }
+
     pub fn new(id: impl Into<String>, now: Time) -> Customer {
         Customer {
             id: id.into(),
@@ -78,8 +87,41 @@ impl Event {
     }
 }
 
+/// The attribute that is the customer's time zone (`set: { timezone: … }`).
+pub const ZONE_KEY: &str = "timezone";
+
+/// Why a profile update's time zone is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ZoneError {
+    /// Not a zone of the IANA database.
+    #[error(
+        "`timezone`: `{0}` is not an IANA time zone such as Asia/Shanghai or America/Los_Angeles"
+    )]
+    Unknown(String),
+    /// `set.timezone` is a number, a list, …
+    #[error(
+        "`timezone`: a time zone is a name such as Asia/Shanghai (or null to clear it), not {0}"
+    )]
+    NotAName(String),
+    /// Both spellings, naming different zones.
+    #[error(
+        "`timezone` is `{field}` but `set.timezone` is `{attribute}`: a customer has one time zone; give it once"
+    )]
+    Conflict { field: String, attribute: String },
+}
+
+/// `name` as a time zone of the IANA database.
+pub fn parse_zone(name: &str) -> Result<chrono_tz::Tz, ZoneError> {
+    name.trim()
+        .parse::<chrono_tz::Tz>()
+        .map_err(|_| ZoneError::Unknown(name.to_owned()))
+}
+
 /// A change to a customer's profile, as ingested: `set` replaces attributes (a JSON `null`
-/// removes one), `timezone` replaces the customer's zone.
+/// removes one), `timezone` replaces the customer's zone. The zone has two spellings, the
+/// field and the attribute (`set: { timezone: America/Los_Angeles }`): they are the same
+/// thing, see [`ProfileUpdate::zone`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProfileUpdate {
     /// The sender's id for this update (a Segment `messageId`): an update whose id is
@@ -92,6 +134,35 @@ pub struct ProfileUpdate {
     #[serde(default)]
     pub timezone: Option<String>,
     pub at: Time,
+}
+
+impl ProfileUpdate {
+    /// What the update does to the customer's zone: `None` leaves it, `Some(None)` clears it
+    /// (`set: { timezone: null }`), `Some(Some(name))` sets it — from either spelling, checked
+    /// against the IANA database. Ingestion calls this to refuse a bad zone with a clear error.
+    pub fn zone(&self) -> Result<Option<Option<String>>, ZoneError> {
+        let attribute = match self.set.get(ZONE_KEY) {
+            None => None,
+            Some(Json::Null) => Some(None),
+            Some(Json::String(name)) => Some(Some(name.trim().to_owned())),
+            Some(other) => return Err(ZoneError::NotAName(other.to_string())),
+        };
+        let field = self.timezone.as_deref().map(|t| t.trim().to_owned());
+        let zone = match (field, attribute) {
+            (Some(f), Some(Some(a))) if f != a => {
+                return Err(ZoneError::Conflict {
+                    field: f,
+                    attribute: a,
+                });
+            }
+            (Some(f), _) => Some(Some(f)),
+            (None, a) => a,
+        };
+        if let Some(Some(name)) = &zone {
+            parse_zone(name)?;
+        }
+        Ok(zone)
+    }
 }
 
 /// Work for one customer, in the order it must be applied.

@@ -5,7 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
-use chrono::{DateTime, FixedOffset};
+use chrono::{DateTime, FixedOffset, Offset};
+use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 
 use crate::de::Spanned;
@@ -127,7 +128,7 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
 
 /// The engine policy for files in `dir`: `canvas.yaml` there or in the folder above.
 pub fn policy_for(dir: &Path) -> Result<Policy, ScenarioError> {
-    for d in [Some(dir), dir.parent()].into_iter().flatten() {
+    for d in crate::project::folders_up(dir).iter().take(2) {
         let candidate = d.join("canvas.yaml");
         if candidate.is_file() {
             return Policy::load(&candidate).map_err(|e| {
@@ -145,10 +146,7 @@ pub fn policy_for(dir: &Path) -> Result<Policy, ScenarioError> {
 /// Run one test file: load the flows beside it, play the scenario, check the expectations.
 pub async fn run_file(path: &Path, registry: &Registry) -> Result<Report, ScenarioError> {
     let scenario = scenario::load(path, None)?;
-    let dir = path
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
+    let dir = crate::project::folder_of(path);
     let validation =
         crate::project::validate_paths(std::slice::from_ref(&dir), registry).map_err(|e| {
             ScenarioError::File(vec![FileError {
@@ -157,17 +155,128 @@ pub async fn run_file(path: &Path, registry: &Registry) -> Result<Report, Scenar
                 message: e.to_string(),
             }])
         })?;
+    explain_missing_flows(&scenario, &dir, &validation)?;
     let flows: Vec<_> = validation.flows().collect();
     let policy = policy_for(&dir)?;
+    let zone = policy.timezone;
     let outcome = scenario::run(&scenario, &flows, policy, registry.clone()).await?;
-    check(&scenario, &outcome.runtime.store, &outcome.stats).await
+    check_in(
+        &scenario,
+        &outcome.runtime.store,
+        &outcome.stats,
+        Some(zone),
+    )
+    .await
 }
 
-/// Check a played scenario's expectations against its store.
+/// The flows a test names (`flow:` and `also:`) that are not among the valid flows beside it,
+/// each with why: the file that has the id does not validate (and its first errors), or no
+/// file has it (and which flows were found).
+fn explain_missing_flows(
+    scenario: &Scenario,
+    dir: &Path,
+    validation: &crate::project::Validation,
+) -> Result<(), ScenarioError> {
+    let mut errors = Vec::new();
+    for want in std::iter::once(&scenario.flow).chain(&scenario.also) {
+        let id = want.value.as_str();
+        if validation.flows().any(|f| f.id == id) {
+            continue;
+        }
+        let message = match validation
+            .files
+            .iter()
+            .find(|f| f.flow_id.as_deref() == Some(id))
+        {
+            Some(file) => {
+                let first: Vec<String> = validation
+                    .diagnostics
+                    .iter()
+                    .filter(|d| d.file == file.path)
+                    .take(3)
+                    .map(|d| d.headline())
+                    .collect();
+                let more = file.errors.saturating_sub(first.len());
+                format!(
+                    "flow `{id}` ({}) does not validate: {}{}; run `canvas validate {}`",
+                    file.path.display(),
+                    first.join("; "),
+                    if more > 0 {
+                        format!(" (and {more} more)")
+                    } else {
+                        String::new()
+                    },
+                    file.path.display()
+                )
+            }
+            None => {
+                let found: Vec<&str> = validation
+                    .files
+                    .iter()
+                    .filter_map(|f| f.flow_id.as_deref())
+                    .collect();
+                let unreadable: Vec<String> = validation
+                    .files
+                    .iter()
+                    .filter(|f| f.flow_id.is_none())
+                    .map(|f| f.path.display().to_string())
+                    .collect();
+                let hint = crate::diagnostic::did_you_mean(id, found.iter().copied())
+                    .map(|s| format!("; did you mean `{s}`?"))
+                    .unwrap_or_default();
+                let mut message = format!(
+                    "no flow `{id}` in {} (searched recursively): found {}{hint}",
+                    dir.display(),
+                    if found.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        found
+                            .iter()
+                            .map(|f| format!("`{f}`"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    }
+                );
+                if !unreadable.is_empty() {
+                    message.push_str(&format!(
+                        "; these files have no readable flow id: {}",
+                        unreadable.join(", ")
+                    ));
+                }
+                message
+            }
+        };
+        errors.push(FileError {
+            file: scenario.file.clone(),
+            span: want.span,
+            message,
+        });
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ScenarioError::File(errors))
+    }
+}
+
+/// Check a played scenario's expectations against its store; times in messages are shown
+/// in each customer's zone when they have one, else at the offset the test file writes.
 pub async fn check<S: Store>(
     sc: &Scenario,
     store: &S,
     stats: &Stats,
+) -> Result<Report, ScenarioError> {
+    check_in(sc, store, stats, None).await
+}
+
+/// [`check`], showing the times of a customer without a zone of their own in `default_zone`
+/// (`canvas.yaml`'s `timezone`): a failure message prints only local times that existed,
+/// with the offset they had, never a reading from a daylight-saving gap.
+pub async fn check_in<S: Store>(
+    sc: &Scenario,
+    store: &S,
+    stats: &Stats,
+    default_zone: Option<Tz>,
 ) -> Result<Report, ScenarioError> {
     let flow = sc.flow.value.as_str();
     let mut failures = Vec::new();
@@ -175,11 +284,26 @@ pub async fn check<S: Store>(
     let conversions = store.conversions(Some(flow)).await?;
     for x in &sc.expect {
         let customer = x.customer.value.as_str();
-        let offset = sc
-            .offsets
-            .get(customer)
-            .copied()
-            .unwrap_or(sc.default_offset);
+        let own_zone = store
+            .load(&[customer.to_owned()], sc.until)
+            .await?
+            .first()
+            .and_then(|c| {
+                c.customer
+                    .zone()
+                    .and_then(|z| crate::state::parse_zone(z).ok())
+            });
+        let zone = own_zone.or(default_zone);
+        let near = |offset: FixedOffset| match zone {
+            Some(tz) => ShowIn::Near(offset, tz),
+            None => ShowIn::Offset(offset),
+        };
+        let offset = near(
+            sc.offsets
+                .get(customer)
+                .copied()
+                .unwrap_or(sc.default_offset),
+        );
         let outbox: Vec<OutboxRow> = store
             .outbox(Some(customer))
             .await?
@@ -225,16 +349,16 @@ pub async fn check<S: Store>(
                     "{} {} at {}",
                     want.channel.value,
                     want.template.value,
-                    show(at.to_utc(), *at.offset())
+                    show(at.to_utc(), near(*at.offset()))
                 );
                 match actual.get(i) {
                     None => {
-                        let why = skipped_note(&history, &want.template.value, *at.offset());
+                        let why = skipped_note(&history, &want.template.value, near(*at.offset()));
                         fail(
                             want.span,
                             format!(
                                 "{customer}: expected {expected}; nothing was sent{why}; {}",
-                                where_is(last, *at.offset())
+                                where_is(last, near(*at.offset()))
                             ),
                         );
                         break;
@@ -269,7 +393,7 @@ pub async fn check<S: Store>(
                                     "{customer}: expected {expected}; sent {} {} at {} instead (step `{}`)",
                                     got.channel,
                                     got.template.as_deref().unwrap_or("-"),
-                                    show(got.created_at, *at.offset()),
+                                    show(got.created_at, near(*at.offset())),
                                     got.step
                                 ),
                             );
@@ -318,8 +442,8 @@ pub async fn check<S: Store>(
                             want.span,
                             format!(
                                 "{customer}: expected a task at {}; none was created; {}",
-                                show(at.to_utc(), *at.offset()),
-                                where_is(last, *at.offset())
+                                show(at.to_utc(), near(*at.offset())),
+                                where_is(last, near(*at.offset()))
                             ),
                         );
                         break;
@@ -334,12 +458,12 @@ pub async fn check<S: Store>(
                                 want.span,
                                 format!(
                                     "{customer}: expected a task at {}{}; got one at {} for {}",
-                                    show(at.to_utc(), *at.offset()),
+                                    show(at.to_utc(), near(*at.offset())),
                                     want.assign
                                         .as_ref()
                                         .map(|a| format!(" for {}", a.value))
                                         .unwrap_or_default(),
-                                    show(got.created_at, *at.offset()),
+                                    show(got.created_at, near(*at.offset())),
                                     got.address.as_deref().unwrap_or("nobody")
                                 ),
                             );
@@ -442,14 +566,57 @@ fn minute(t: Time) -> i64 {
     t.timestamp().div_euclid(60)
 }
 
+/// Where a time is shown: in a zone, with the offset the zone had at that instant, or at a
+/// fixed offset.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ShowIn {
+    Zone(Tz),
+    Offset(FixedOffset),
+    /// At the offset (the one the test file writes), unless the offset is one the zone uses
+    /// at other times of the year but not at this instant: then in the zone, so a time is
+    /// never shown as a local reading that did not exist (02:30 -05:00 in New York on the
+    /// night the clocks jump from 02:00 EST to 03:00 EDT).
+    Near(FixedOffset, Tz),
+}
+
+impl From<FixedOffset> for ShowIn {
+    fn from(offset: FixedOffset) -> ShowIn {
+        ShowIn::Offset(offset)
+    }
+}
+
+impl From<Tz> for ShowIn {
+    fn from(tz: Tz) -> ShowIn {
+        ShowIn::Zone(tz)
+    }
+}
+
 /// `2026-03-14 09:00 +08:00`.
-pub fn show(t: Time, offset: FixedOffset) -> String {
-    let local: DateTime<FixedOffset> = t.with_timezone(&offset);
-    local.format("%Y-%m-%d %H:%M %:z").to_string()
+pub fn show(t: Time, at: impl Into<ShowIn>) -> String {
+    const FORMAT: &str = "%Y-%m-%d %H:%M %:z";
+    match at.into() {
+        ShowIn::Zone(tz) => t.with_timezone(&tz).format(FORMAT).to_string(),
+        ShowIn::Offset(offset) => {
+            let local: DateTime<FixedOffset> = t.with_timezone(&offset);
+            local.format(FORMAT).to_string()
+        }
+        ShowIn::Near(offset, tz) => {
+            let offset_at = |t: Time| t.with_timezone(&tz).offset().fix();
+            // The zone's offsets around the year (standard and daylight saving time).
+            let the_zones = (-6..=6)
+                .map(|months| t + chrono::Duration::days(30 * months))
+                .any(|u| offset_at(u) == offset);
+            if the_zones && offset_at(t) != offset {
+                show(t, tz)
+            } else {
+                show(t, offset)
+            }
+        }
+    }
 }
 
 /// Where the run is, in words.
-fn where_is(run: Option<&Run>, offset: FixedOffset) -> String {
+fn where_is(run: Option<&Run>, offset: ShowIn) -> String {
     let Some(r) = run else {
         return "the customer never entered the flow".to_owned();
     };
@@ -477,7 +644,7 @@ fn where_is(run: Option<&Run>, offset: FixedOffset) -> String {
 }
 
 /// Why a template was not sent, when the history says.
-fn skipped_note(history: &[HistoryEntry], template: &str, offset: FixedOffset) -> String {
+fn skipped_note(history: &[HistoryEntry], template: &str, offset: ShowIn) -> String {
     history
         .iter()
         .rev()

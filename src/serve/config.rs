@@ -18,8 +18,11 @@ pub const DEFAULT_MAX_BATCH: usize = 1000;
 /// The shortest `database_timeout` accepted: below it a busy but healthy database fails.
 const MIN_DATABASE_TIMEOUT: Duration = Duration::from_millis(100);
 
-#[derive(Debug, clap::Args)]
-pub struct ServeArgs {
+/// Where the engine's data is: the flows folder, `canvas.yaml` and the database. `canvas
+/// serve`, `run`, `ingest` and `status` all take these and resolve them with
+/// [`StoreArgs::resolve`], so the operator's commands read the daemon's database.
+#[derive(Debug, Default, clap::Args)]
+pub struct StoreArgs {
     /// The flows folder (searched recursively). Env: CANVAS_FLOWS. Default: `flows`.
     #[arg(long, env = "CANVAS_FLOWS")]
     pub flows: Option<PathBuf>,
@@ -28,18 +31,90 @@ pub struct ServeArgs {
     #[arg(long, env = "CANVAS_CONFIG")]
     pub config: Option<PathBuf>,
     /// `sqlite://PATH` or `postgres://…`. Env: CANVAS_DATABASE_URL. Default:
-    /// `sqlite://canvas.db`.
+    /// `server.database` in canvas.yaml, else `sqlite://canvas.db`.
     // `hide_env_values`: `--help` would print the URL from the environment, password and all.
     #[arg(long, env = "CANVAS_DATABASE_URL", hide_env_values = true)]
     pub database: Option<DatabaseUrl>,
     /// How long to wait for the database before giving up: a request answers 503 and
     /// start-up fails after this long (`500ms`, `5s`). Env: CANVAS_DATABASE_TIMEOUT.
-    /// Default: 5s.
+    /// Default: `server.database_timeout` in canvas.yaml, else 5s.
     #[arg(long, env = "CANVAS_DATABASE_TIMEOUT")]
     pub database_timeout: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
     /// Address to listen on. Env: CANVAS_LISTEN. Default: 127.0.0.1:8080.
     #[arg(long, env = "CANVAS_LISTEN")]
     pub listen: Option<SocketAddr>,
+}
+
+/// [`StoreArgs`], resolved: flag, then environment (both by clap), then `canvas.yaml`'s
+/// `server:` section, then the default.
+pub struct Store {
+    pub flows: PathBuf,
+    pub config: Option<PathBuf>,
+    pub policy: Policy,
+    pub section: ServerSection,
+    pub database: DatabaseUrl,
+    pub database_timeout: Duration,
+}
+
+impl StoreArgs {
+    /// The one place the database URL, its timeout and `canvas.yaml` are decided.
+    pub fn resolve(self) -> anyhow::Result<Store> {
+        let flows = self.flows.unwrap_or_else(|| PathBuf::from("flows"));
+        let config = match self.config {
+            Some(path) => {
+                if !path.is_file() {
+                    bail!("--config {}: no such file", path.display());
+                }
+                Some(path)
+            }
+            None => find_config(&flows),
+        };
+        let policy = match &config {
+            Some(path) => Policy::load(path).map_err(|e| describe(&e.diagnostics))?,
+            None => Policy::default(),
+        };
+        let section: ServerSection = policy
+            .section("server")
+            .map_err(|e| describe(&e.diagnostics))?
+            .unwrap_or_default();
+        let database = self
+            .database
+            .or(section.database.clone().map(DatabaseUrl::from))
+            .unwrap_or_else(|| DatabaseUrl::from("sqlite://canvas.db"));
+        let timeout = match (self.database_timeout, section.database_timeout.clone()) {
+            (Some(t), _) => Some(("--database-timeout (CANVAS_DATABASE_TIMEOUT)", t)),
+            (None, Some(t)) => Some(("server.database_timeout", t)),
+            (None, None) => None,
+        };
+        let database_timeout = match timeout {
+            None => canvas_engine::store::DEFAULT_TIMEOUT,
+            Some((what, t)) => {
+                let d = canvas_channels::parse_duration(&t).with_context(|| what.to_owned())?;
+                if d < MIN_DATABASE_TIMEOUT {
+                    bail!(
+                        "{what}: `{t}` is shorter than {}ms, which would fail a busy but healthy \
+                         database",
+                        MIN_DATABASE_TIMEOUT.as_millis()
+                    );
+                }
+                d
+            }
+        };
+        Ok(Store {
+            flows,
+            config,
+            policy,
+            section,
+            database,
+            database_timeout,
+        })
+    }
 }
 
 /// The `server:` section of `canvas.yaml`.
@@ -166,47 +241,14 @@ impl Settings {
         args: ServeArgs,
         env: impl Fn(&str) -> Option<String>,
     ) -> anyhow::Result<Settings> {
-        let flows = args.flows.unwrap_or_else(|| PathBuf::from("flows"));
-        let config = match args.config {
-            Some(path) => {
-                if !path.is_file() {
-                    bail!("--config {}: no such file", path.display());
-                }
-                Some(path)
-            }
-            None => find_config(&flows),
-        };
-        let policy = match &config {
-            Some(path) => Policy::load(path).map_err(|e| describe(&e.diagnostics))?,
-            None => Policy::default(),
-        };
-        let section: ServerSection = policy
-            .section("server")
-            .map_err(|e| describe(&e.diagnostics))?
-            .unwrap_or_default();
-        let database = args
-            .database
-            .or(section.database.map(DatabaseUrl::from))
-            .unwrap_or_else(|| DatabaseUrl::from("sqlite://canvas.db"));
-        let timeout = match (args.database_timeout, section.database_timeout) {
-            (Some(t), _) => Some(("--database-timeout (CANVAS_DATABASE_TIMEOUT)", t)),
-            (None, Some(t)) => Some(("server.database_timeout", t)),
-            (None, None) => None,
-        };
-        let database_timeout = match timeout {
-            None => canvas_engine::store::DEFAULT_TIMEOUT,
-            Some((what, t)) => {
-                let d = canvas_channels::parse_duration(&t).with_context(|| what.to_owned())?;
-                if d < MIN_DATABASE_TIMEOUT {
-                    bail!(
-                        "{what}: `{t}` is shorter than {}ms, which would fail a busy but healthy \
-                         database",
-                        MIN_DATABASE_TIMEOUT.as_millis()
-                    );
-                }
-                d
-            }
-        };
+        let Store {
+            flows,
+            config,
+            policy,
+            section,
+            database,
+            database_timeout,
+        } = args.store.resolve()?;
         let listen = match args.listen {
             Some(a) => a,
             None => match &section.listen {
@@ -310,9 +352,9 @@ pub fn describe(diagnostics: &[canvas_engine::diagnostic::Diagnostic]) -> anyhow
 
 /// `canvas.yaml` in the flows folder, else in its parent.
 fn find_config(flows: &Path) -> Option<PathBuf> {
-    [Some(flows), flows.parent()]
+    canvas_engine::project::folders_up(flows)
         .into_iter()
-        .flatten()
+        .take(2)
         .map(|d| d.join(canvas_engine::policy::FILE_NAME))
         .find(|p| p.is_file())
 }
@@ -342,10 +384,10 @@ mod tests {
 
     fn args() -> ServeArgs {
         ServeArgs {
-            flows: Some(PathBuf::from("/nonexistent/flows")),
-            config: None,
-            database: None,
-            database_timeout: None,
+            store: StoreArgs {
+                flows: Some(PathBuf::from("/nonexistent/flows")),
+                ..StoreArgs::default()
+            },
             listen: None,
         }
     }
@@ -381,8 +423,8 @@ mod tests {
         )
         .expect("write");
         let mut a = args();
-        a.config = Some(path.clone());
-        a.database = Some("sqlite://flag.db".into());
+        a.store.config = Some(path.clone());
+        a.store.database = Some("sqlite://flag.db".into());
         let s = Settings::resolve(a, |v| (v == "RO").then(|| "ro".to_owned())).expect("resolves");
         assert_eq!(s.database.expose(), "sqlite://flag.db");
         assert_eq!(s.listen, SocketAddr::from(([127, 0, 0, 1], 9000)));
@@ -390,7 +432,7 @@ mod tests {
         assert_eq!(s.max_batch, 10);
 
         let mut a = args();
-        a.config = Some(path);
+        a.store.config = Some(path);
         let e = Settings::resolve(a, |_| None).expect_err("missing env");
         assert!(e.to_string().contains("`RO` is not set"), "{e}");
     }
@@ -401,17 +443,17 @@ mod tests {
         let path = dir.path().join("canvas.yaml");
         std::fs::write(&path, "server:\n  database_timeout: 2s\n").expect("write");
         let mut a = args();
-        a.config = Some(path.clone());
+        a.store.config = Some(path.clone());
         let s = Settings::resolve(a, |_| None).expect("resolves");
         assert_eq!(s.database_timeout, Duration::from_secs(2));
         let mut a = args();
-        a.config = Some(path);
-        a.database_timeout = Some("750ms".into());
+        a.store.config = Some(path);
+        a.store.database_timeout = Some("750ms".into());
         let s = Settings::resolve(a, |_| None).expect("resolves");
         assert_eq!(s.database_timeout, Duration::from_millis(750));
         for (bad, says) in [("5", "no unit"), ("10ms", "shorter than 100ms")] {
             let mut a = args();
-            a.database_timeout = Some(bad.into());
+            a.store.database_timeout = Some(bad.into());
             let e = Settings::resolve(a, |_| None).expect_err("refused");
             let text = format!("{e:#}");
             assert!(
@@ -424,7 +466,7 @@ mod tests {
     #[test]
     fn settings_debug_shows_no_secret() {
         let mut a = args();
-        a.database = Some(
+        a.store.database = Some(
             "postgres://canvas:PLANTED-pw@db/canvas"
                 .parse()
                 .expect("url"),
@@ -444,7 +486,7 @@ mod tests {
         let path = dir.path().join("canvas.yaml");
         std::fs::write(&path, "server:\n  lisen: 127.0.0.1:9000\n").expect("write");
         let mut a = args();
-        a.config = Some(path);
+        a.store.config = Some(path);
         let e = Settings::resolve(a, |_| None).expect_err("typo");
         let text = e.to_string();
         assert!(text.contains("unknown key `lisen`"), "{text}");

@@ -14,7 +14,9 @@ use crate::state::{FlowVersion, Time};
 pub struct FlowSet {
     current: BTreeMap<String, Arc<CompiledFlow>>,
     versions: HashMap<String, Arc<CompiledFlow>>,
-    /// Event name → flows it starts.
+    /// The current flows by [`CompiledFlow::precedence`].
+    by_precedence: Vec<Arc<CompiledFlow>>,
+    /// Event name → flows it starts, by precedence.
     by_event: HashMap<String, Vec<Arc<CompiledFlow>>>,
 }
 
@@ -64,7 +66,10 @@ impl FlowSet {
 
     fn index(&mut self) {
         self.by_event.clear();
-        for f in self.current.values() {
+        self.by_precedence = self.current.values().cloned().collect();
+        self.by_precedence
+            .sort_by(|a, b| a.precedence().cmp(&b.precedence()));
+        for f in &self.by_precedence {
             if let Trigger::Event { name, .. } = &f.trigger {
                 self.by_event
                     .entry(name.clone())
@@ -74,8 +79,15 @@ impl FlowSet {
         }
     }
 
+    /// The current flows, by id.
     pub fn current(&self) -> impl Iterator<Item = &Arc<CompiledFlow>> {
         self.current.values()
+    }
+
+    /// The current flows in the order competing flows are decided: higher `priority` first,
+    /// then the flow id.
+    pub fn by_precedence(&self) -> impl Iterator<Item = &Arc<CompiledFlow>> {
+        self.by_precedence.iter()
     }
 
     /// Know an older version (for the runs pinned to it) without making it current.
@@ -93,6 +105,7 @@ impl FlowSet {
         self.versions.get(hash)
     }
 
+    /// The flows `event` starts, by precedence.
     pub(super) fn started_by(&self, event: &str) -> &[Arc<CompiledFlow>] {
         self.by_event.get(event).map(Vec::as_slice).unwrap_or(&[])
     }

@@ -7,8 +7,6 @@
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 
-use chrono::Utc;
-
 use crate::clock::Clock;
 use crate::eval::{self, Scope};
 use crate::executor::{self, Ctx, Input};
@@ -17,9 +15,10 @@ use crate::policy::Policy;
 use crate::registry::Registry;
 use crate::state::{
     CallResult, Customer, DeliveryFailure, Event, FlowVersion, InboxItem, Lease, OutboxRow,
-    ProfileUpdate, RunStatus, Time,
+    ProfileUpdate, RunStatus, Time, ZONE_KEY,
 };
 use crate::store::{Result, Store};
+use serde_json::Value as Json;
 
 mod failure_log;
 mod flows;
@@ -252,7 +251,7 @@ impl<S: Store> Runtime<S> {
     /// segments whose period has come round; `after` is the previous tick.
     pub async fn tick(&self, after: Time, now: Time) -> Result<Stats> {
         let mut due: Vec<Arc<CompiledFlow>> = Vec::new();
-        for flow in self.flows.current() {
+        for flow in self.flows.by_precedence() {
             match &flow.trigger {
                 Trigger::Schedule { cron, .. } => {
                     if next_cron(flow, &cron.cron, after).is_some_and(|t| t <= now) {
@@ -337,6 +336,10 @@ impl<S: Store> Runtime<S> {
 
     /// Evaluate schedule audiences and segment conditions of `flows` for every customer.
     async fn scan(&self, flows: &[Arc<CompiledFlow>], now: Time) -> Result<Stats> {
+        // Flows whose ticks coincide compete for each customer's caps: by precedence.
+        let mut flows = flows.to_vec();
+        flows.sort_by(|a, b| a.precedence().cmp(&b.precedence()));
+        let flows = flows.as_slice();
         let mut stats = Stats::default();
         let mut after: Option<String> = None;
         loop {
@@ -492,9 +495,20 @@ impl<S: Store> Runtime<S> {
         }
     }
 
+    /// A customer's runs in the order competing flows are decided (higher `priority`, then
+    /// the flow id), so the caps go to the flow the operator ranks first — whatever order
+    /// the store returned them in.
+    fn order_runs(&self, loaded: &mut work::Loaded) {
+        loaded.runs.sort_by_cached_key(|(run, _)| {
+            let priority = self.flows.version(&run.version).map_or(0, |f| f.priority);
+            (std::cmp::Reverse(priority), run.flow.clone())
+        });
+    }
+
     fn on_event(&self, cs: &mut Slot<'_>, event: &Event, now: Time) {
         // Runs already going (and ended runs whose goal window is open) see the event first,
         // so a run started by this very event does not count it as its goal.
+        self.order_runs(cs.loaded);
         let loaded = &mut *cs.loaded;
         for i in 0..loaded.runs.len() + loaded.converting.len() {
             let (run, dirty) = if i < loaded.runs.len() {
@@ -555,6 +569,7 @@ impl<S: Store> Runtime<S> {
     }
 
     fn on_profile(&self, cs: &mut Slot<'_>, update: &ProfileUpdate, now: Time) {
+        self.order_runs(cs.loaded);
         let loaded = &mut *cs.loaded;
         for (k, v) in &update.set {
             if v.is_null() {
@@ -563,8 +578,31 @@ impl<S: Store> Runtime<S> {
                 loaded.customer.attributes.insert(k.clone(), v.clone());
             }
         }
-        if let Some(tz) = &update.timezone {
-            loaded.customer.timezone = Some(tz.clone());
+        // One zone, whichever spelling set it. Ingestion refuses a bad one; an update that
+        // got past it anyway (an old inbox row) leaves the zone as it was.
+        match update.zone() {
+            Ok(Some(zone)) => {
+                match &zone {
+                    Some(name) => loaded
+                        .customer
+                        .attributes
+                        .insert(ZONE_KEY.to_owned(), Json::String(name.clone())),
+                    None => loaded.customer.attributes.remove(ZONE_KEY),
+                };
+                loaded.customer.timezone = zone;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(customer = %update.customer_id, "profile update: {e}; the time zone is unchanged");
+                if let Some(old) = loaded.customer.timezone.clone() {
+                    loaded
+                        .customer
+                        .attributes
+                        .insert(ZONE_KEY.to_owned(), Json::String(old));
+                } else {
+                    loaded.customer.attributes.remove(ZONE_KEY);
+                }
+            }
         }
         loaded.customer.updated_at = now;
         loaded.customer_dirty = true;
@@ -581,7 +619,7 @@ impl<S: Store> Runtime<S> {
             absorb(tr, dirty, &mut loaded.customer_dirty, cs.batch);
         }
         loaded.settle();
-        for flow in self.flows.current() {
+        for flow in self.flows.by_precedence() {
             if matches!(flow.trigger, Trigger::Segment { .. }) {
                 self.segment_edge(cs, flow, now);
             }
@@ -658,6 +696,7 @@ impl<S: Store> Runtime<S> {
     }
 
     fn on_timers(&self, cs: &mut Slot<'_>, now: Time) {
+        self.order_runs(cs.loaded);
         let loaded = &mut *cs.loaded;
         for (run, dirty) in &mut loaded.runs {
             if run.wake_at.is_none_or(|w| w > now) || self.paused.contains(&run.flow) {
@@ -931,11 +970,10 @@ fn unique<'a>(ids: impl Iterator<Item = &'a str>) -> Vec<String> {
         .collect()
 }
 
+/// The schedule's next tick in the flow's zone, with the daylight-saving policy of
+/// [`crate::local_time`].
 fn next_cron(flow: &CompiledFlow, cron: &croner::Cron, after: Time) -> Option<Time> {
-    let local = after.with_timezone(&flow.timezone);
-    cron.find_next_occurrence(&local, false)
-        .ok()
-        .map(|t| t.with_timezone(&Utc))
+    crate::local_time::next_tick(cron, flow.timezone, after)
 }
 
 /// Segment rechecks fall on multiples of the period since the epoch, so every process and

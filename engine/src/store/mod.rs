@@ -29,6 +29,10 @@ pub enum StoreError {
     /// A background commit could not finish (its task panicked or was cancelled).
     #[error("a commit task failed: {0}")]
     Task(String),
+    /// [`Database::open_existing`] on a SQLite file that is not there: a read-only command
+    /// never creates a database.
+    #[error("no database at {0}")]
+    Missing(String),
     #[error("unsupported database URL `{0}`: use sqlite://PATH, sqlite::memory: or postgres://…")]
     Url(String),
     /// The database did not answer within the timeout given to [`Database::connect_with`].
@@ -384,6 +388,10 @@ impl Database {
     /// unreachable database fails this fast), and later for a free connection of the pool and,
     /// on SQLite, for another process's write lock. Errors never carry the URL's password.
     pub async fn connect_with(url: &str, timeout: Duration) -> Result<Database> {
+        Database::open(url, timeout, false).await
+    }
+
+    async fn open(url: &str, timeout: Duration, must_exist: bool) -> Result<Database> {
         if url == "sqlite::memory:" || url == "sqlite://:memory:" {
             return Ok(Database::Sqlite(SqliteStore::memory().await?));
         }
@@ -399,16 +407,30 @@ impl Database {
             if path.is_empty() {
                 return Err(StoreError::Url(redact(url).into_owned()));
             }
+            if must_exist && !std::path::Path::new(path).exists() {
+                return Err(StoreError::Missing(path.to_owned()));
+            }
             return Ok(Database::Sqlite(
                 SqliteStore::open_with_timeout(path, durability, timeout).await?,
             ));
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            return Ok(Database::Postgres(
-                PgStore::connect_with_timeout(url, timeout).await?,
-            ));
+            let store = if must_exist {
+                PgStore::connect_existing(url, timeout).await?
+            } else {
+                PgStore::connect_with_timeout(url, timeout).await?
+            };
+            return Ok(Database::Postgres(store));
         }
         Err(StoreError::Url(redact(url).into_owned()))
+    }
+
+    /// [`Database::connect_with`] on a database that must exist already: a `sqlite://PATH`
+    /// whose file is missing, or a Postgres database without Canvas's tables, is
+    /// [`StoreError::Missing`], and nothing is created. (A Postgres database that does not
+    /// exist at all fails to connect.)
+    pub async fn open_existing(url: &str, timeout: Duration) -> Result<Database> {
+        Database::open(url, timeout, true).await
     }
 
     /// The file a `sqlite://PATH` URL names (`None`: in memory, or not SQLite).

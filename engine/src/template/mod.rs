@@ -436,16 +436,12 @@ fn read_limited(path: &Path) -> Result<String, String> {
 /// The templates folder for a flow file: `templates/` beside it, or in the nearest parent
 /// folder that has one.
 pub fn templates_root_for(flow_file: &Path) -> PathBuf {
-    let start = flow_file.parent().unwrap_or(Path::new("."));
-    let mut dir = Some(start);
-    while let Some(d) = dir {
-        let candidate = d.join("templates");
-        if candidate.is_dir() {
-            return candidate;
-        }
-        dir = d.parent().filter(|p| !p.as_os_str().is_empty());
-    }
-    start.join("templates")
+    let start = flow_file.parent().unwrap_or(Path::new(""));
+    crate::project::folders_up(start)
+        .into_iter()
+        .map(|d| d.join("templates"))
+        .find(|candidate| candidate.is_dir())
+        .unwrap_or_else(|| start.join("templates"))
 }
 
 #[cfg(test)]

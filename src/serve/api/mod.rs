@@ -314,20 +314,17 @@ fn profile_update(
     timezone: Option<String>,
     at: Time,
 ) -> Result<ProfileUpdate, ApiError> {
-    if let Some(tz) = &timezone
-        && tz.parse::<chrono_tz::Tz>().is_err()
-    {
-        return Err(ApiError::bad(format!(
-            "`timezone`: `{tz}` is not an IANA time zone such as Asia/Shanghai"
-        )));
-    }
-    Ok(ProfileUpdate {
+    let update = ProfileUpdate {
         id,
         customer_id,
         set: attributes,
         timezone,
         at,
-    })
+    };
+    // Both spellings (`timezone`, `attributes.timezone`) are the one zone; a bad one is
+    // refused here, never ignored later.
+    update.zone().map_err(ApiError::zone)?;
+    Ok(update)
 }
 
 // ---------------------------------------------------------------------------------------------

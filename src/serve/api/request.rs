@@ -52,6 +52,17 @@ impl ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
 
+    /// A time zone that is not one: 400 `invalid_timezone`.
+    pub(super) fn zone(e: canvas_engine::state::ZoneError) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_timezone", e.to_string())
+    }
+
+    /// The same error, its message after `prefix` (`batch[3]: `).
+    pub(super) fn prefixed(mut self, prefix: &str) -> ApiError {
+        self.message = format!("{prefix}{}", self.message);
+        self
+    }
+
     pub(super) fn not_found(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
     }
@@ -70,6 +81,19 @@ impl ApiError {
             "too_large",
             "the request body is larger than the limit (server.limits.max_body_bytes)",
         )
+    }
+}
+
+/// A plain message is a bad request.
+impl From<String> for ApiError {
+    fn from(message: String) -> ApiError {
+        ApiError::bad(message)
+    }
+}
+
+impl From<&str> for ApiError {
+    fn from(message: &str) -> ApiError {
+        ApiError::bad(message)
     }
 }
 

@@ -66,9 +66,7 @@ async fn segment_ingest(app: &App, messages: Vec<Json>, kind: Option<&str>) -> A
     let mut items = Vec::with_capacity(messages.len());
     let mut ignored = 0usize;
     for (i, msg) in messages.into_iter().enumerate() {
-        match segment_item(&msg, kind, now)
-            .map_err(|m| ApiError::bad(format!("batch[{i}]: {m}")))?
-        {
+        match segment_item(&msg, kind, now).map_err(|e| e.prefixed(&format!("batch[{i}]: ")))? {
             Some(item) => items.push(item),
             None => ignored += 1,
         }
@@ -95,7 +93,7 @@ fn str_field<'a>(msg: &'a Json, key: &str) -> Option<&'a str> {
 
 /// One Segment message as an inbox item; `None` for a type Canvas does not use or a
 /// message without a `userId` (Canvas journeys are per known customer).
-fn segment_item(msg: &Json, kind: Option<&str>, now: Time) -> Result<Option<InboxItem>, String> {
+fn segment_item(msg: &Json, kind: Option<&str>, now: Time) -> Result<Option<InboxItem>, ApiError> {
     if !msg.is_object() {
         return Err("a message must be a JSON object".into());
     }
@@ -107,11 +105,10 @@ fn segment_item(msg: &Json, kind: Option<&str>, now: Time) -> Result<Option<Inbo
     let Some(user) = str_field(msg, "userId") else {
         return Ok(None);
     };
-    let check =
-        |what: &str, v: &str, max: usize| check_id(what, None, v, max).map_err(|e| e.message);
+    let check = |what: &str, v: &str, max: usize| check_id(what, None, v, max);
     check("userId", user, MAX_ID)?;
     let at = match str_field(msg, "timestamp").or_else(|| str_field(msg, "originalTimestamp")) {
-        Some(t) => parse_time("timestamp", t).map_err(|e| e.message)?,
+        Some(t) => parse_time("timestamp", t)?,
         None => now,
     };
     let message_id = str_field(msg, "messageId");
@@ -140,10 +137,13 @@ fn segment_item(msg: &Json, kind: Option<&str>, now: Time) -> Result<Option<Inbo
                 Some(Json::Object(t)) => t.clone(),
                 Some(_) => return Err("`traits` must be an object".into()),
             };
+            // The device's zone (`context.timezone`) unless the traits name the customer's
+            // own (`traits.timezone`, the same attribute as `set: { timezone }`).
             let timezone = msg
                 .get("context")
                 .and_then(|c| c.get("timezone"))
                 .and_then(Json::as_str)
+                .filter(|_| !traits.contains_key(canvas_engine::state::ZONE_KEY))
                 .map(str::to_owned);
             if let Some(id) = message_id {
                 check("messageId", id, MAX_ID)?;
@@ -156,9 +156,8 @@ fn segment_item(msg: &Json, kind: Option<&str>, now: Time) -> Result<Option<Inbo
                 at,
             )
             .map(|u| Some(InboxItem::Profile(u)))
-            .map_err(|e| e.message)
         }
         "page" | "screen" | "group" | "alias" => Ok(None),
-        other => Err(format!("unknown message type `{other}`")),
+        other => Err(format!("unknown message type `{other}`").into()),
     }
 }

@@ -60,6 +60,25 @@ impl PgStore {
         PgStore::open(options.options(SESSION), None, timeout).await
     }
 
+    /// [`PgStore::connect_with_timeout`] on a database Canvas has written before: one with
+    /// no Canvas tables is [`StoreError::Missing`], and nothing is created in it (a
+    /// read-only command must not set up a database).
+    pub async fn connect_existing(url: &str, timeout: Duration) -> Result<PgStore> {
+        let options = PgConnectOptions::from_str(url)?;
+        let mut conn = connect_once(&options, timeout).await?;
+        let present: bool = sqlx::query_scalar("SELECT to_regclass('runs') IS NOT NULL")
+            .fetch_one(&mut conn)
+            .await?;
+        conn.close().await?;
+        if !present {
+            return Err(StoreError::Missing(format!(
+                "{} (it has no Canvas tables)",
+                crate::redact::redact(url)
+            )));
+        }
+        PgStore::open(options.options(SESSION), None, timeout).await
+    }
+
     /// Connect with every table in `schema` (created if missing): several deployments, or
     /// tests, share one database without seeing each other. `schema` is a lower-case SQL
     /// identifier (`[a-z_][a-z0-9_]*`).
