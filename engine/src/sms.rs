@@ -45,17 +45,19 @@ pub struct Segments {
     pub segments: usize,
 }
 
-/// The encoding `text` needs and how many segments it is sent as.
+/// The encoding `text` needs and how many segments it is sent as. Runs on every SMS send:
+/// two passes over the text, no allocation.
 pub fn segments(text: &str) -> Segments {
-    let gsm: Option<Vec<usize>> = text.chars().map(gsm7_width).collect();
-    let (encoding, widths) = match gsm {
-        Some(w) => (Encoding::Gsm7, w),
-        None => (
-            Encoding::Ucs2,
-            text.chars().map(char::len_utf16).collect::<Vec<_>>(),
-        ),
+    let encoding = if text.chars().all(|c| gsm7_width(c).is_some()) {
+        Encoding::Gsm7
+    } else {
+        Encoding::Ucs2
     };
-    let units: usize = widths.iter().sum();
+    let width = |c: char| match encoding {
+        Encoding::Gsm7 => gsm7_width(c).unwrap_or(1),
+        Encoding::Ucs2 => c.len_utf16(),
+    };
+    let units: usize = text.chars().map(width).sum();
     let (single, part) = encoding.limits();
     if units <= single {
         return Segments {
@@ -67,7 +69,7 @@ pub fn segments(text: &str) -> Segments {
     // Fill parts in order; a character that does not fit whole starts the next part.
     let mut count = 1;
     let mut used = 0;
-    for w in widths {
+    for w in text.chars().map(width) {
         if used + w > part {
             count += 1;
             used = 0;
@@ -81,9 +83,42 @@ pub fn segments(text: &str) -> Segments {
     }
 }
 
-/// Septets `c` takes in GSM-7, or `None` when GSM-7 cannot carry it.
+/// Which ASCII characters a set holds: a table lookup instead of a scan of the set for the
+/// characters most texts are made of. (UTF-8 encodes every non-ASCII character in bytes of
+/// 0x80 and up, so the set's bytes below 0x80 are exactly its ASCII characters.)
+const fn ascii_in(set: &str) -> [bool; 128] {
+    let bytes = set.as_bytes();
+    let mut table = [false; 128];
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] < 128 {
+            table[bytes[i] as usize] = true;
+        }
+        i += 1;
+    }
+    table
+}
+
+static BASIC_ASCII: [bool; 128] = ascii_in(GSM7_BASIC);
+static EXTENSION_ASCII: [bool; 128] = ascii_in(GSM7_EXTENSION);
+
+/// Septets `c` takes in GSM-7, or `None` when GSM-7 cannot carry it. (The escape septet
+/// itself is not a character a text may hold.)
 fn gsm7_width(c: char) -> Option<usize> {
-    if c != '\u{1b}' && GSM7_BASIC.contains(c) {
+    if c == '\u{1b}' {
+        return None;
+    }
+    if c.is_ascii() {
+        let i = c as usize;
+        return if BASIC_ASCII[i] {
+            Some(1)
+        } else if EXTENSION_ASCII[i] {
+            Some(2)
+        } else {
+            None
+        };
+    }
+    if GSM7_BASIC.contains(c) {
         Some(1)
     } else if GSM7_EXTENSION.contains(c) {
         Some(2)
@@ -95,6 +130,20 @@ fn gsm7_width(c: char) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ascii_tables_agree_with_the_character_sets() {
+        for c in (0u8..128).map(char::from) {
+            let scanned = if c != '\u{1b}' && GSM7_BASIC.contains(c) {
+                Some(1)
+            } else if GSM7_EXTENSION.contains(c) {
+                Some(2)
+            } else {
+                None
+            };
+            assert_eq!(gsm7_width(c), scanned, "{c:?}");
+        }
+    }
 
     #[test]
     fn gsm7_fits_160_then_153_per_part() {
