@@ -254,3 +254,50 @@ fn the_shipped_flows_have_no_warnings() {
     let v = validate_paths(&["flows".into()], &canvas_nodes::catalogue()).expect("flows");
     assert!(v.diagnostics.is_empty(), "{:#?}", v.diagnostics);
 }
+
+/// Regression (found merging `on_error` with the scope check): a step reached both by a
+/// call's answer and by its `on_error` path was taken to always have `vars.<save_as>`, so a
+/// read of it there validated silently although the failure path has none.
+#[test]
+fn vars_read_after_a_calls_on_error_path_is_a_warning() {
+    let flow = "flow: on-error-paths
+trigger: { event: order_paid }
+steps:
+  - id: issue
+    call: { webhook: coupons, save_as: coupon }
+    on_error: send
+  - id: send
+    branch:
+      - when: vars.coupon.amount > 10
+        next: thanks
+      - else: thanks
+  - id: thanks
+    send: sms
+    template: thanks
+";
+    let (_dir, diags) = validate(flow, &[("thanks.txt", "Thanks")]);
+    let [d] = diags.as_slice() else {
+        panic!("{diags:#?}")
+    };
+    assert_eq!(
+        (d.code.as_str(), d.severity),
+        ("CNV0307", Severity::Warning)
+    );
+    assert!(
+        d.message.contains("is set on some paths to it but not all"),
+        "{}",
+        d.message
+    );
+    // A step only the failure path reaches has no `vars.coupon` at all: an error.
+    let only_on_error = flow.replace(
+        "    on_error: send\n  - id: send",
+        "    on_error: send\n  - id: ok\n    exit: issued\n  - id: send",
+    );
+    let (_dir, diags) = validate(&only_on_error, &[("thanks.txt", "Thanks")]);
+    assert!(
+        diags
+            .iter()
+            .any(|d| d.code.as_str() == "CNV0307" && d.severity == Severity::Error),
+        "{diags:#?}"
+    );
+}

@@ -67,9 +67,16 @@ fn successors(kind: &StepKind) -> Vec<(NodeIndex, Option<Fact>)> {
             out
         }
         StepKind::Wait { next, .. } => plain(next),
-        StepKind::Call { next, save_as, .. } => next
+        // The answer sets `vars.<save_as>`; a failed call's `on_error` path has none.
+        StepKind::Call {
+            next,
+            save_as,
+            on_error,
+            ..
+        } => next
             .iter()
             .map(|&n| (n, Some(Fact::Var(save_as.clone()))))
+            .chain(on_error.iter().map(|&n| (n, None)))
             .collect(),
         StepKind::Branch { arms, otherwise } => arms
             .iter()
