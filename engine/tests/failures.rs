@@ -546,6 +546,14 @@ async fn failed_call_ends_the_run_with_error_and_sends_no_empty_code(db: Arc<Dat
     let outbox = rt.store.outbox(Some("c1")).await.expect("outbox");
     assert_eq!(outbox.len(), 1, "only the call, no SMS: {outbox:#?}");
     assert_eq!(outbox[0].channel, "coupons");
+    // Nothing handled it: the run ended in error, counted at the call's step.
+    let failures = rt.store.failures("c1").await.expect("failures");
+    assert_eq!(failures.len(), 1, "{failures:#?}");
+    assert_eq!(
+        (failures[0].flow.as_str(), failures[0].count),
+        ("strict", 1)
+    );
+    assert!(failures[0].error.contains("HTTP 500"), "{failures:#?}");
 }
 
 async fn call_timeout_fires_durably_and_a_late_answer_is_recorded_once(db: Arc<Database>) {

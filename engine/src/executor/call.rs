@@ -147,6 +147,8 @@ impl Exec<'_, '_> {
             }
             None => {
                 detail["outcome"] = json!("error");
+                // Nothing handles it: the run ends in error, counted at its step.
+                self.fail(&step.id, format!("call `{webhook}` failed: {error}"));
                 self.record("failed", step.id.clone(), detail);
                 self.end("error");
             }
