@@ -58,6 +58,9 @@ pub struct App {
     pub clock: Arc<dyn Clock>,
     /// Set once a shutdown began: `/readyz` answers 503 from then on.
     pub stopping: AtomicBool,
+    /// The channels configured as `type: sandbox` (their rows are what `GET /v1/sandbox`
+    /// lists). Channels are read once at start, like the adapters.
+    pub sandbox_channels: Vec<String>,
 }
 
 impl App {
@@ -215,6 +218,11 @@ async fn serve(settings: Settings, registry: Registry) -> anyhow::Result<ExitCod
         settings,
         clock,
         stopping: AtomicBool::new(false),
+        sandbox_channels: channels
+            .names()
+            .filter(|(_, kind)| *kind == "sandbox")
+            .map(|(name, _)| name.to_owned())
+            .collect(),
     });
     app.refresh_paused().await?;
     if app.settings.tokens.is_empty() {
