@@ -159,7 +159,8 @@ fn load_channels(
     let missing = dispatch::missing_channels(flows, &channels);
     if !missing.is_empty() {
         bail!(
-            "the flows send on {} but `channels:` in {} does not configure {}; see docs/channels.md",
+            "the flows send on {} but `channels:` in {} does not configure {}; see docs/channels.md \
+             (`type: sandbox` keeps messages in the database, to try flows without a provider)",
             missing
                 .iter()
                 .map(|c| format!("`{c}`"))
