@@ -262,3 +262,32 @@ fn validate_rejects_a_typo_in_a_gateway_body() {
         "{typos:#?}"
     );
 }
+
+/// Every channel as a `sandbox` validates; a sandbox with a gateway's key does not, and
+/// `validate` names the key.
+#[test]
+fn validate_checks_sandbox_channels() {
+    let all = "  sms: { type: sandbox }\n  push: { type: sandbox }\n  wecom: { type: sandbox }\n  \
+               crm: { type: sandbox, response: { ok: true } }\n  task: { type: sandbox }\n";
+    let dir = project(all);
+    let out = canvas(&["validate", "flows"], dir.path());
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let typo = all.replace("push: { type: sandbox }", "push: { type: sandbox, url: x }");
+    let dir = project(&typo);
+    let out = canvas(&["validate", "flows"], dir.path());
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("unknown key `url`"), "{said}");
+    assert!(said.contains("`response` or `max_segments`"), "{said}");
+}

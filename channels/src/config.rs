@@ -39,6 +39,30 @@ pub enum ChannelConfig {
     Sms(GatewayConfig),
     /// An HTTP WeChat gateway (template messages) with a body template.
     Wechat(GatewayConfig),
+    /// No provider: a delivery succeeds at once and the message stays in the database
+    /// (the outbox row, marked sent), listed by `GET /v1/sandbox` like a mail catcher's
+    /// inbox. For trying flows out before real gateways are configured.
+    Sandbox(SandboxConfig),
+}
+
+/// `type: sandbox`: delivers to the database instead of a provider.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxConfig {
+    /// What a `call` step on this channel gets back as its response (default `{}`), so a
+    /// flow that saves a call's answer goes on; ignored for messages.
+    #[serde(default)]
+    pub response: Option<serde_json::Value>,
+    /// For the `sms` channel: checked like a real gateway's (see [`GatewayConfig`]), so
+    /// `canvas validate` flags SMS templates that would cost too much.
+    #[serde(default)]
+    pub max_segments: Option<u32>,
+}
+
+impl SandboxConfig {
+    /// The concurrency a sandbox channel allows: it does no I/O, so only the dispatcher's
+    /// own limit matters.
+    pub const CONCURRENCY: u32 = 1024;
 }
 
 /// `type: webhook`.
@@ -310,13 +334,14 @@ pub struct Common {
 }
 
 impl ChannelConfig {
-    /// `webhook`, `email`, `sms` or `wechat`, as written in `type:`.
+    /// `webhook`, `email`, `sms`, `wechat` or `sandbox`, as written in `type:`.
     pub fn type_name(&self) -> &'static str {
         match self {
             ChannelConfig::Webhook(_) => "webhook",
             ChannelConfig::Email(_) => "email",
             ChannelConfig::Sms(_) => "sms",
             ChannelConfig::Wechat(_) => "wechat",
+            ChannelConfig::Sandbox(_) => "sandbox",
         }
     }
 
@@ -336,14 +361,22 @@ impl ChannelConfig {
             ChannelConfig::Webhook(c) => common!(c),
             ChannelConfig::Email(c) => common!(c),
             ChannelConfig::Sms(c) | ChannelConfig::Wechat(c) => common!(c),
+            ChannelConfig::Sandbox(_) => Common {
+                timeout: default_timeout(),
+                rate_limit: None,
+                concurrency: SandboxConfig::CONCURRENCY,
+                retry: RetryConfig::default(),
+            },
         }
     }
 
-    /// The `max_segments` setting, on the types that have it (`webhook`, `sms`, `wechat`).
+    /// The `max_segments` setting, on the types that have it (`webhook`, `sms`, `wechat`,
+    /// `sandbox`).
     pub fn max_segments(&self) -> Option<u32> {
         match self {
             ChannelConfig::Webhook(c) => c.max_segments,
             ChannelConfig::Sms(c) | ChannelConfig::Wechat(c) => c.max_segments,
+            ChannelConfig::Sandbox(c) => c.max_segments,
             ChannelConfig::Email(_) => None,
         }
     }
@@ -357,6 +390,7 @@ impl ChannelConfig {
                 (&c.secret_env, Some(&c.headers_env))
             }
             ChannelConfig::Email(c) => (&c.password_env, None),
+            ChannelConfig::Sandbox(_) => return refs,
         };
         if let Some(var) = secret_env {
             let key = match self {
@@ -586,6 +620,7 @@ fn validate_channel(name: &str, channel: &ChannelConfig) -> Result<(), String> {
                 );
             }
         }
+        ChannelConfig::Sandbox(_) => {}
     }
     Ok(())
 }

@@ -44,7 +44,7 @@ use std::time::Duration;
 
 pub use config::{
     ChannelConfig, ChannelSecrets, ChannelsConfig, Common, ConfigError, EmailConfig, GatewayConfig,
-    Method, MissingEnv, Resolved, RetryConfig, SMS, Secret, Tls, WebhookConfig,
+    Method, MissingEnv, Resolved, RetryConfig, SMS, SandboxConfig, Secret, Tls, WebhookConfig,
 };
 pub use duration::{DurationError, parse_duration};
 pub use email::{html_to_text, message_id};
@@ -60,6 +60,8 @@ enum Adapter {
     // Boxed: a gateway carries its template environment, much larger than the others.
     Gateway(Box<http::Gateway>),
     Email(email::Email),
+    /// Nothing to reach: the message stays in the database; a call gets `response`.
+    Sandbox(serde_json::Value),
 }
 
 #[derive(Debug)]
@@ -111,6 +113,11 @@ impl Channels {
                 ChannelConfig::Email(c) => {
                     Adapter::Email(email::Email::new(name, c, secrets).map_err(invalid)?)
                 }
+                ChannelConfig::Sandbox(c) => Adapter::Sandbox(
+                    c.response
+                        .clone()
+                        .unwrap_or_else(|| serde_json::Value::Object(Default::default())),
+                ),
             };
             let common = config.common();
             channels.insert(
@@ -142,6 +149,7 @@ impl Channels {
             Adapter::Webhook(w) => w.deliver(&self.http, msg).await,
             Adapter::Gateway(g) => g.deliver(&self.http, msg).await,
             Adapter::Email(e) => e.deliver(msg).await,
+            Adapter::Sandbox(response) => Ok(sandbox(msg, response)),
         };
         match &result {
             Ok(d) => tracing::debug!(channel, key = %msg.key, status = d.status, "delivered"),
@@ -197,7 +205,8 @@ impl Channels {
         self.channels.get(channel).map(|c| c.common.timeout)
     }
 
-    /// The configured channel names with their type (`webhook`, `email`, `sms`, `wechat`).
+    /// The configured channel names with their type (`webhook`, `email`, `sms`, `wechat`,
+    /// `sandbox`).
     pub fn names(&self) -> impl Iterator<Item = (&str, &'static str)> {
         self.channels.iter().map(|(n, c)| (n.as_str(), c.type_name))
     }
@@ -205,5 +214,18 @@ impl Channels {
     /// Whether `channel` is configured.
     pub fn contains(&self, channel: &str) -> bool {
         self.channels.contains_key(channel)
+    }
+}
+
+/// A sandbox delivery: accepted at once, nothing sent. A call answers with the channel's
+/// configured `response`; a message with none (its content is the outbox row itself).
+fn sandbox(msg: &Message, response: &serde_json::Value) -> Delivered {
+    Delivered {
+        status: 200,
+        detail: "kept in the sandbox".to_owned(),
+        response: match msg.kind {
+            MessageKind::Call => Some(response.clone()),
+            MessageKind::Message => None,
+        },
     }
 }

@@ -620,6 +620,20 @@ pub struct DeadLetterFilter {
     pub limit: usize,
 }
 
+/// Which sandbox deliveries to list (`Store::sandbox_messages`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SandboxFilter {
+    /// The channels configured as `type: sandbox`: only rows sent on these are listed (the
+    /// outbox does not record a channel's type; the daemon's configuration does).
+    pub channels: Vec<String>,
+    /// Narrow to one of them.
+    pub channel: Option<String>,
+    /// Narrow to one customer.
+    pub customer_id: Option<String>,
+    /// At most this many, most recently sent first.
+    pub limit: usize,
+}
+
 /// The dispatcher's backlog (`Store::outbox_depth`), for metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboxDepth {

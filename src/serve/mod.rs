@@ -58,6 +58,9 @@ pub struct App {
     pub clock: Arc<dyn Clock>,
     /// Set once a shutdown began: `/readyz` answers 503 from then on.
     pub stopping: AtomicBool,
+    /// The channels configured as `type: sandbox` (their rows are what `GET /v1/sandbox`
+    /// lists). Channels are read once at start, like the adapters.
+    pub sandbox_channels: Vec<String>,
 }
 
 impl App {
@@ -156,7 +159,8 @@ fn load_channels(
     let missing = dispatch::missing_channels(flows, &channels);
     if !missing.is_empty() {
         bail!(
-            "the flows send on {} but `channels:` in {} does not configure {}; see docs/channels.md",
+            "the flows send on {} but `channels:` in {} does not configure {}; see docs/channels.md \
+             (`type: sandbox` keeps messages in the database, to try flows without a provider)",
             missing
                 .iter()
                 .map(|c| format!("`{c}`"))
@@ -215,6 +219,11 @@ async fn serve(settings: Settings, registry: Registry) -> anyhow::Result<ExitCod
         settings,
         clock,
         stopping: AtomicBool::new(false),
+        sandbox_channels: channels
+            .names()
+            .filter(|(_, kind)| *kind == "sandbox")
+            .map(|(name, _)| name.to_owned())
+            .collect(),
     });
     app.refresh_paused().await?;
     if app.settings.tokens.is_empty() {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::state::{
     Batch, Conversion, CustomerState, DeadLetterFilter, Delivery, DeliveryOutcome, DeliveryState,
     Failure, FailureCount, FlowCounts, FlowVersion, HistoryEntry, InboxItem, OutboxDepth,
-    OutboxRow, Run, Time,
+    OutboxRow, Run, SandboxFilter, Time,
 };
 
 mod codec;
@@ -261,6 +261,13 @@ pub trait Store: Clone + Send + Sync + 'static {
     fn dead_letters(
         &self,
         filter: &DeadLetterFilter,
+    ) -> impl Future<Output = Result<Vec<DeliveryState>>> + Send;
+
+    /// The rows sent on the channels `filter` names (the sandbox channels), most recently
+    /// sent first. Reads the sent rows (no index covers them): for a sandbox, not a hot loop.
+    fn sandbox_messages(
+        &self,
+        filter: &SandboxFilter,
     ) -> impl Future<Output = Result<Vec<DeliveryState>>> + Send;
 
     /// One outbox row with its delivery state, by key.
@@ -599,6 +606,10 @@ impl Store for Database {
 
     async fn dead_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeliveryState>> {
         delegate!(self, s => s.dead_letters(filter))
+    }
+
+    async fn sandbox_messages(&self, filter: &SandboxFilter) -> Result<Vec<DeliveryState>> {
+        delegate!(self, s => s.sandbox_messages(filter))
     }
 
     async fn delivery(&self, key: &str) -> Result<Option<DeliveryState>> {

@@ -3,6 +3,7 @@
 
 mod deadletters;
 mod request;
+mod sandbox;
 mod segment;
 
 use std::sync::Arc;
@@ -51,6 +52,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/flows/{id}/resume", post(resume))
         .route("/v1/deadletters", get(deadletters::list))
         .route("/v1/deadletters/{*rest}", post(deadletters::retry))
+        .route("/v1/sandbox", get(sandbox::list))
         .route("/v1/batch", post(segment_batch))
         .route("/v1/track", post(segment_track))
         .route("/v1/identify", post(segment_identify))

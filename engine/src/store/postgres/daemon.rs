@@ -266,6 +266,28 @@ pub(super) async fn dead_letters(
     rows.into_iter().map(DeliveryStateRow::into_state).collect()
 }
 
+pub(super) async fn sandbox_messages(
+    s: &PgStore,
+    filter: &SandboxFilter,
+) -> Result<Vec<DeliveryState>> {
+    if filter.channels.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<DeliveryStateRow> = sqlx::query_as(&format!(
+        "SELECT {OUTBOX_SELECT}, {STATE_COLUMNS} FROM outbox
+         WHERE status = 'sent' AND channel = ANY($1::text[])
+           AND ($2::text IS NULL OR channel = $2) AND ($3::text IS NULL OR customer_id = $3)
+         ORDER BY sent_at DESC, ord DESC LIMIT $4"
+    ))
+    .bind(&filter.channels)
+    .bind(filter.channel.as_deref())
+    .bind(filter.customer_id.as_deref())
+    .bind(i64::try_from(filter.limit).unwrap_or(i64::MAX))
+    .fetch_all(&s.pool)
+    .await?;
+    rows.into_iter().map(DeliveryStateRow::into_state).collect()
+}
+
 pub(super) async fn delivery(s: &PgStore, key: &str) -> Result<Option<DeliveryState>> {
     let row: Option<DeliveryStateRow> = sqlx::query_as(&format!(
         "SELECT {OUTBOX_SELECT}, {STATE_COLUMNS} FROM outbox WHERE key = $1"

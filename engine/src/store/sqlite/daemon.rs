@@ -255,6 +255,29 @@ pub(super) async fn dead_letters(
     rows.into_iter().map(DeliveryStateRow::into_state).collect()
 }
 
+pub(super) async fn sandbox_messages(
+    s: &SqliteStore,
+    filter: &SandboxFilter,
+) -> Result<Vec<DeliveryState>> {
+    if filter.channels.is_empty() {
+        return Ok(Vec::new());
+    }
+    // The channel names travel as one JSON array, whatever their number.
+    let rows: Vec<DeliveryStateRow> = sqlx::query_as(&format!(
+        "SELECT {OUTBOX_COLUMNS}, {STATE_COLUMNS} FROM outbox
+         WHERE status = 'sent' AND channel IN (SELECT value FROM json_each(?1))
+           AND (?2 IS NULL OR channel = ?2) AND (?3 IS NULL OR customer_id = ?3)
+         ORDER BY sent_at DESC, rowid DESC LIMIT ?4"
+    ))
+    .bind(to_json("outbox", &filter.channels)?)
+    .bind(filter.channel.as_deref())
+    .bind(filter.customer_id.as_deref())
+    .bind(limit_i64(filter.limit))
+    .fetch_all(&s.read)
+    .await?;
+    rows.into_iter().map(DeliveryStateRow::into_state).collect()
+}
+
 pub(super) async fn delivery(s: &SqliteStore, key: &str) -> Result<Option<DeliveryState>> {
     let row: Option<DeliveryStateRow> = sqlx::query_as(&format!(
         "SELECT {OUTBOX_COLUMNS}, {STATE_COLUMNS} FROM outbox WHERE key = ?1"

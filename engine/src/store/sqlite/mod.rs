@@ -44,7 +44,7 @@ use super::{Counts, DEFAULT_TIMEOUT, NodeCount, Result, Store, StoreError, Takeo
 use crate::state::{
     Batch, Conversion, Customer, CustomerState, DeadLetterFilter, Delivery, DeliveryOutcome,
     DeliveryState, Enrolment, Failure, FailureCount, FlowCounts, FlowVersion, HistoryEntry,
-    InboxItem, OutboxDepth, OutboxRow, Run, Time,
+    InboxItem, OutboxDepth, OutboxRow, Run, SandboxFilter, Time,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -890,6 +890,10 @@ impl Store for SqliteStore {
 
     async fn dead_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeliveryState>> {
         daemon::dead_letters(self, filter).await
+    }
+
+    async fn sandbox_messages(&self, filter: &SandboxFilter) -> Result<Vec<DeliveryState>> {
+        daemon::sandbox_messages(self, filter).await
     }
 
     async fn delivery(&self, key: &str) -> Result<Option<DeliveryState>> {
