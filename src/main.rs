@@ -6,6 +6,7 @@ mod bench_engine;
 mod bench_serve;
 mod checks;
 mod deadletters;
+mod explain;
 mod log;
 mod output;
 mod play;
@@ -131,6 +132,26 @@ enum Command {
         /// One flow only.
         #[arg(long)]
         flow: Option<String>,
+        #[arg(long, value_enum, default_value_t = Format::Human)]
+        format: Format,
+    },
+    /// A customer's story from the database: every run, each step and why, in the
+    /// customer's time zone; with --step or --template, a plain answer (sent when, not sent
+    /// why, never entered why).
+    Explain {
+        /// The customer id.
+        customer: String,
+        /// One flow only.
+        #[arg(long)]
+        flow: Option<String>,
+        /// Answer for this step id.
+        #[arg(long, conflicts_with = "template")]
+        step: Option<String>,
+        /// Answer for this template (`birthday/day`).
+        #[arg(long)]
+        template: Option<String>,
+        #[command(flatten)]
+        store: serve::config::StoreArgs,
         #[arg(long, value_enum, default_value_t = Format::Human)]
         format: Format,
     },
@@ -290,6 +311,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             flow,
             format,
         } => status::status(store.resolve()?, flow.as_deref(), format),
+        Command::Explain {
+            customer,
+            flow,
+            step,
+            template,
+            store,
+            format,
+        } => explain::explain(
+            store.resolve()?,
+            explain::Question {
+                customer,
+                flow,
+                step,
+                template,
+            },
+            format,
+        ),
         Command::Deadletters { action } => match action {
             DeadLetters::List {
                 store,

@@ -283,7 +283,7 @@ pub fn simulate(
 }
 
 /// One history row in words; times in the customer's offset.
-fn describe(h: &HistoryEntry, outbox: &[OutboxRow], offset: testing::ShowIn) -> String {
+pub(crate) fn describe(h: &HistoryEntry, outbox: &[OutboxRow], offset: testing::ShowIn) -> String {
     let d = &h.detail;
     let s = |k: &str| d.get(k).and_then(|v| v.as_str()).unwrap_or("").to_owned();
     let time = |k: &str| {
