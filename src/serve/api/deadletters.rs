@@ -14,15 +14,12 @@ use canvas_engine::store::{Store, redact};
 use serde::Deserialize;
 use serde_json::{Value as Json, json};
 
-use super::request::{ApiError, ApiResult, authorize};
+use super::request::{ApiError, ApiResult, authorize, list_limit};
 use super::{MAX_ID, MAX_NAME, check_id};
 use crate::deadletters::{Refusal, send_again};
 use crate::serve::App;
 use crate::serve::config::Scope;
 
-/// Dead letters in one answer when `limit` is not given, and at most.
-const DEFAULT_LIMIT: usize = 100;
-const MAX_LIMIT: usize = 1000;
 /// Longest `reason` filter accepted.
 const MAX_REASON: usize = 256;
 
@@ -42,12 +39,7 @@ pub(super) async fn list(
 ) -> ApiResult {
     authorize(&app, &headers, Scope::Read)?;
     let Query(q) = query.map_err(|e| ApiError::bad(e.body_text()))?;
-    let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
-    if limit == 0 || limit > MAX_LIMIT {
-        return Err(ApiError::bad(format!(
-            "`limit` is {limit}; it must be 1 to {MAX_LIMIT}"
-        )));
-    }
+    let limit = list_limit(q.limit)?;
     for (what, value, max) in [
         ("flow", &q.flow, MAX_ID),
         ("channel", &q.channel, MAX_NAME),

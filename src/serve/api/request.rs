@@ -97,6 +97,22 @@ impl From<&str> for ApiError {
     }
 }
 
+/// Rows in one answer of a listing (dead letters, sandbox messages) when `limit` is not
+/// given, and at most.
+const DEFAULT_LIMIT: usize = 100;
+const MAX_LIMIT: usize = 1000;
+
+/// A listing's `limit` query parameter, checked.
+pub(super) fn list_limit(limit: Option<usize>) -> Result<usize, ApiError> {
+    let limit = limit.unwrap_or(DEFAULT_LIMIT);
+    if limit == 0 || limit > MAX_LIMIT {
+        return Err(ApiError::bad(format!(
+            "`limit` is {limit}; it must be 1 to {MAX_LIMIT}"
+        )));
+    }
+    Ok(limit)
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (

@@ -14,14 +14,10 @@ use canvas_engine::store::Store;
 use serde::Deserialize;
 use serde_json::{Value as Json, json};
 
-use super::request::{ApiError, ApiResult, authorize};
+use super::request::{ApiError, ApiResult, authorize, list_limit};
 use super::{MAX_ID, MAX_NAME, check_id};
 use crate::serve::App;
 use crate::serve::config::Scope;
-
-/// Messages in one answer when `limit` is not given, and at most.
-const DEFAULT_LIMIT: usize = 100;
-const MAX_LIMIT: usize = 1000;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -38,12 +34,7 @@ pub(super) async fn list(
 ) -> ApiResult {
     authorize(&app, &headers, Scope::Read)?;
     let Query(q) = query.map_err(|e| ApiError::bad(e.body_text()))?;
-    let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
-    if limit == 0 || limit > MAX_LIMIT {
-        return Err(ApiError::bad(format!(
-            "`limit` is {limit}; it must be 1 to {MAX_LIMIT}"
-        )));
-    }
+    let limit = list_limit(q.limit)?;
     if let Some(channel) = &q.channel {
         check_id("channel", None, channel, MAX_NAME)?;
     }
