@@ -8,6 +8,7 @@ mod checks;
 mod deadletters;
 mod explain;
 mod log;
+mod outcomes;
 mod output;
 mod play;
 mod serve;

@@ -259,7 +259,17 @@ pub fn simulate(
                     )?;
                 }
             }
-            let report = rt.block_on(crate::status::Report::read(store, Some(&flow_id)))?;
+            // The outcomes of the whole simulated span, in the engine's zone.
+            let range = crate::outcomes::Range {
+                from: crate::outcomes::today(scenario.start, default_zone),
+                to: crate::outcomes::today(scenario.until, default_zone),
+            };
+            let report = rt.block_on(crate::status::Report::read(
+                store,
+                Some(&flow_id),
+                range,
+                default_zone,
+            ))?;
             writeln!(out)?;
             report.write_human(&mut out)?;
             writeln!(

@@ -1,17 +1,20 @@
 //! `canvas status`: where customers are right now, and what the journeys achieved — runs
 //! waiting at each step, conversions per arm, the lift of a holdout — and what failed at
-//! run time (expressions that could not be evaluated, steps that ended a run with an error).
+//! run time (expressions that could not be evaluated, steps that ended a run with an error),
+//! and the outcome counters of the last 7 days per flow and step.
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use canvas_engine::clock::SystemClock;
 use canvas_engine::state::{Arm, FailureCount};
 use canvas_engine::store::{ArmCount, Database, NodeCount, Store};
 use serde_json::json;
 
 use crate::Format;
+use crate::outcomes::{self, Outcomes, Range};
 
 /// Per flow: runs waiting per step, the goal figures per arm, and the run-time failures.
 #[derive(Debug, Default)]
@@ -24,14 +27,21 @@ struct FlowReport {
     waiting: Vec<NodeCount>,
     arms: Vec<ArmCount>,
     failures: Vec<FailureCount>,
+    outcomes: Option<Outcomes>,
 }
 
 impl Report {
+    /// What the database says; the outcomes over `range` (days in `tz`).
     pub async fn read<S: Store>(
         store: &S,
         flow: Option<&str>,
+        range: Range,
+        tz: chrono_tz::Tz,
     ) -> canvas_engine::store::Result<Report> {
         let mut report = Report::default();
+        for v in store.flow_versions(flow).await? {
+            report.flows.entry(v.flow).or_default();
+        }
         for n in store.node_counts(flow).await? {
             report
                 .flows
@@ -51,9 +61,17 @@ impl Report {
                 .failures
                 .push(f);
         }
-        for r in report.flows.values_mut() {
+        for (id, r) in &mut report.flows {
             r.arms.sort_by_key(|a| a.arm == Arm::Control);
+            let o = outcomes::read(store, id, None, range, None, tz).await?;
+            r.outcomes =
+                (!o.totals.is_empty() || o.steps.iter().any(|s| !s.counts.is_empty())).then_some(o);
         }
+        // A flow the database knows only by its versions, with nothing to show, is left out.
+        report.flows.retain(|_, r| {
+            !(r.waiting.is_empty() && r.arms.is_empty() && r.failures.is_empty())
+                || r.outcomes.is_some()
+        });
         Ok(report)
     }
 
@@ -78,6 +96,7 @@ impl Report {
                 waiting,
                 arms,
                 failures,
+                outcomes,
             },
         ) in &self.flows
         {
@@ -111,6 +130,9 @@ impl Report {
             if let Some(lift) = Report::lift(arms) {
                 writeln!(out, "  lift     {lift:+.1} points (treated − control)")?;
             }
+            if let Some(o) = outcomes {
+                write_outcomes(out, o)?;
+            }
             for f in failures {
                 writeln!(
                     out,
@@ -143,11 +165,42 @@ impl Report {
                     "arms": r.arms,
                     "lift_points": Report::lift(&r.arms),
                     "failures": r.failures,
+                    "outcomes": r.outcomes,
                 })
             })
             .collect();
         json!({ "flows": flows })
     }
+}
+
+/// `metric n, metric n, …` with qualified names read as words (`sent:sms` -> `sent sms`).
+fn counters<'a>(counts: impl Iterator<Item = (&'a String, &'a u64)>) -> String {
+    counts
+        .filter(|(m, n)| **n > 0 && !m.starts_with("to:") && m.as_str() != "waiting")
+        .map(|(m, n)| format!("{} {n}", m.replace(':', " ")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn write_outcomes(out: &mut dyn Write, o: &Outcomes) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "  {} – {} ({}): {}",
+        o.from,
+        o.to,
+        o.timezone,
+        match counters(o.totals.iter()) {
+            s if s.is_empty() => "nothing counted".to_owned(),
+            s => s,
+        }
+    )?;
+    for s in &o.steps {
+        let line = counters(s.counts.iter());
+        if !line.is_empty() {
+            writeln!(out, "    {:<16} {line}", s.step)?;
+        }
+    }
+    Ok(())
 }
 
 fn plural(n: u64, what: &str) -> String {
@@ -173,7 +226,10 @@ pub fn status(
         let db = Database::open_existing(database.expose(), store.database_timeout)
             .await
             .with_context(|| format!("opening {database}"))?;
-        anyhow::Ok(Report::read(&db, flow).await?)
+        let tz = store.policy.timezone;
+        let today = outcomes::today(canvas_engine::clock::Clock::now(&SystemClock), tz);
+        let range = Range::last(outcomes::DEFAULT_DAYS, today);
+        anyhow::Ok(Report::read(&db, flow, range, tz).await?)
     })?;
     let mut out = std::io::stdout().lock();
     match format {

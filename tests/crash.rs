@@ -189,6 +189,37 @@ async fn sigkill_loses_no_step_and_doubles_no_message() {
             "{run}"
         );
     }
+    // The outcome counters, written in the transactions the kills interrupted, equal what
+    // the history, runs and outbox say.
+    let wrong = canvas_engine::stats::audit(&store, "crash-five")
+        .await
+        .unwrap();
+    assert!(
+        wrong.is_empty(),
+        "counters disagree after the kills: {wrong:#?}"
+    );
+    let stats = store
+        .flow_stats(&canvas_engine::stats::StatsQuery {
+            flow: "crash-five".into(),
+            version: None,
+            from: i32::MIN,
+            to: i32::MAX,
+        })
+        .await
+        .unwrap()
+        .table(None);
+    let n = CUSTOMERS as u64;
+    assert_eq!(stats.flow["entered"], n);
+    assert_eq!(stats.flow["ended:finished"], n);
+    for step in ["hello", "pause", "still-here", "follow-up", "done"] {
+        assert_eq!(stats.get(step, "entered"), n, "{step}");
+    }
+    assert_eq!(stats.get("hello", "sent:sms"), n);
+    assert_eq!(stats.get("follow-up", "sent:sms"), n);
+    assert_eq!(stats.get("still-here", "to:follow-up"), n);
+    assert_eq!(stats.get("still-here", "to:done"), 0);
+    assert_eq!(stats.get("pause", "waiting"), 0, "nobody waits any more");
+
     // Outbox: exactly the two keys per run.
     let keys: BTreeSet<String> = store
         .outbox(None)

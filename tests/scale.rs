@@ -258,6 +258,23 @@ channels:
         assert!(first.contains(&step), "{first:?}");
     }
     assert!(steps.values().all(|s| *s == first), "histories differ");
+    // The outcome counters three daemons wrote (each to its own shard), one of them killed,
+    // equal what the runs and history say.
+    for flow in ["two-touch", "greet"] {
+        let wrong = canvas_engine::stats::audit(&store, flow).await.unwrap();
+        assert!(wrong.is_empty(), "{flow}: counters disagree: {wrong:#?}");
+        let stats = store
+            .flow_stats(&canvas_engine::stats::StatsQuery {
+                flow: flow.into(),
+                version: None,
+                from: i32::MIN,
+                to: i32::MAX,
+            })
+            .await
+            .unwrap()
+            .table(None);
+        assert_eq!(stats.flow["entered"], CUSTOMERS as u64, "{flow}");
+    }
     // Repeats can only be rows the killed daemon sent but had not recorded: every repeated
     // key first arrived before the kill.
     let killed_at = killed_at.unwrap();

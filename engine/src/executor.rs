@@ -19,6 +19,7 @@ use crate::state::{
     Arm, Conversion, Customer, DeliveryFailure, Enrolment, Event, Failure, HistoryEntry,
     OutboxKind, OutboxRow, Run, RunStatus, Time,
 };
+use crate::stats::{self, Count, metric};
 
 mod call;
 mod fallback;
@@ -77,6 +78,8 @@ pub struct Transition {
     /// What failed (an `error` history row, a goal condition or exit rule that could not be
     /// evaluated): counted per flow and step, so nothing fails unseen.
     pub failures: Vec<Failure>,
+    /// The outcome counters the transition moves (see [`crate::stats`]).
+    pub counts: Vec<Count>,
 }
 
 impl Transition {
@@ -145,6 +148,7 @@ pub fn new_run(
         vars: Map::new(),
         event: event.cloned(),
         arm: Arm::Treated,
+        splits: Default::default(),
         last_touch: None,
         goal_until: flow
             .goal
@@ -167,13 +171,8 @@ pub fn customer_tz(customer: &Customer, policy: &Policy) -> Tz {
 /// End a waiting run from outside the flow (the customer opted out of everything); the
 /// history row names the event.
 pub fn stop(cx: &Ctx<'_>, run: &mut Run, customer: &mut Customer, event: &Event) -> Transition {
-    let mut ex = Exec {
-        cx,
-        run,
-        customer,
-        out: Transition::default(),
-        tz: chrono_tz::UTC,
-    };
+    let mut ex = Exec::new(cx, run, customer);
+    let before = ex.parked();
     if ex.run.status == RunStatus::Waiting {
         let step = ex.run.step.clone().unwrap_or_default();
         ex.record(
@@ -183,21 +182,18 @@ pub fn stop(cx: &Ctx<'_>, run: &mut Run, customer: &mut Customer, event: &Event)
         );
         ex.end("exited");
     }
+    ex.count_waiting(before);
     ex.out
 }
 
 /// Apply one input to one run. The run and the customer are updated in place; what must be
 /// written is returned.
 pub fn step(cx: &Ctx<'_>, run: &mut Run, customer: &mut Customer, input: Input<'_>) -> Transition {
-    let mut ex = Exec {
-        cx,
-        run,
-        customer,
-        out: Transition::default(),
-        tz: chrono_tz::UTC,
-    };
+    let mut ex = Exec::new(cx, run, customer);
     ex.tz = customer_tz(ex.customer, cx.policy);
+    let before = ex.parked();
     ex.apply(input);
+    ex.count_waiting(before);
     ex.out
 }
 
@@ -207,9 +203,62 @@ struct Exec<'c, 'a> {
     customer: &'c mut Customer,
     out: Transition,
     tz: Tz,
+    /// The day bucket of the outcome counters this transition moves.
+    day: i32,
+}
+
+impl<'c, 'a> Exec<'c, 'a> {
+    fn new(cx: &'c Ctx<'a>, run: &'c mut Run, customer: &'c mut Customer) -> Exec<'c, 'a> {
+        Exec {
+            cx,
+            run,
+            customer,
+            out: Transition::default(),
+            tz: chrono_tz::UTC,
+            day: stats::day_of(cx.now, cx.policy.timezone),
+        }
+    }
 }
 
 impl Exec<'_, '_> {
+    /// The step the run is parked at, if it waits.
+    fn parked(&self) -> Option<String> {
+        match self.run.status {
+            RunStatus::Waiting => self.run.step.clone(),
+            RunStatus::Ended => None,
+        }
+    }
+
+    /// Move the waiting gauge from where the run was parked (`before`) to where it is now.
+    /// A new run (no step yet) was parked nowhere.
+    fn count_waiting(&mut self, before: Option<String>) {
+        let after = self.parked();
+        if before == after {
+            return;
+        }
+        let (flow, version) = (&self.run.flow, &self.run.version);
+        if let Some(step) = &before {
+            self.out
+                .counts
+                .push(Count::waiting(flow, version, step, -1));
+        }
+        if let Some(step) = &after {
+            self.out.counts.push(Count::waiting(flow, version, step, 1));
+        }
+    }
+
+    /// Count one at `step` (a step id, or [`stats::FLOW`]) today.
+    fn count(&mut self, step: &str, metric: String) {
+        self.out.counts.push(Count {
+            flow: self.run.flow.clone(),
+            version: self.run.version.clone(),
+            step: step.to_owned(),
+            metric,
+            day: Some(self.day),
+            n: 1,
+        });
+    }
+
     fn flow(&self) -> &CompiledFlow {
         self.cx.flow
     }
@@ -217,7 +266,10 @@ impl Exec<'_, '_> {
     fn apply(&mut self, input: Input<'_>) {
         let ended = self.run.status == RunStatus::Ended;
         match input {
-            Input::Start => self.advance(Some(self.flow().start)),
+            Input::Start => {
+                self.count(stats::FLOW, metric::ENTERED.to_owned());
+                self.advance(Some(self.flow().start));
+            }
             Input::Event(event) => {
                 self.goal(event);
                 if ended || self.run.status == RunStatus::Ended {
@@ -297,6 +349,18 @@ impl Exec<'_, '_> {
             event_id: event.id.clone(),
             at: self.cx.now,
         });
+        self.count(stats::FLOW, metric::CONVERTED.to_owned());
+        let arm = match self.run.arm {
+            Arm::Treated => "treated",
+            Arm::Control => "control",
+        };
+        self.count(stats::FLOW, stats::qualified(metric::CONVERTED, arm));
+        if let Some(touch) = self.run.last_touch.clone() {
+            self.count(&touch, metric::CONVERTED.to_owned());
+        }
+        for (split, arm) in self.run.splits.clone() {
+            self.count(&split, stats::qualified(metric::CONVERTED, &arm));
+        }
         let step = self.run.step.clone().unwrap_or_else(|| "-".to_owned());
         let exits = exit && self.run.status == RunStatus::Waiting;
         self.record("goal", step, json!({ "event": event.name, "event_id": event.id, "last_touch": self.run.last_touch, "exit": exits }));
@@ -444,6 +508,14 @@ impl Exec<'_, '_> {
         // never reached by a valid flow.
         let mut budget = flow.graph.node_count() + 2;
         while let Some(node) = target {
+            let id = &flow.graph[node].id;
+            // A delayed send tried again stays where it was: not a second arrival.
+            if self.run.step.as_ref() != Some(id) {
+                if let Some(from) = self.run.step.clone() {
+                    self.count(&from, stats::qualified("to", id));
+                }
+                self.count(id, metric::ENTERED.to_owned());
+            }
             if budget == 0 {
                 self.record(
                     "error",
@@ -514,11 +586,14 @@ impl Exec<'_, '_> {
                 match chosen {
                     Some(SplitArm::Step(to)) => {
                         let to_id = self.flow().graph[to].id.clone();
+                        self.run.splits.insert(id.clone(), to_id.clone());
                         self.record("split", id, json!({ "arm": to_id }));
                         Flow::Go(Some(to))
                     }
                     Some(SplitArm::Control) | None => {
                         self.run.arm = Arm::Control;
+                        self.run.splits.insert(id.clone(), "control".to_owned());
+                        self.count(&id, stats::qualified("to", "control"));
                         self.record(
                             "split",
                             id,
@@ -630,9 +705,11 @@ impl Exec<'_, '_> {
                         );
                     }
                     (None, _) => {
+                        self.count(&id, stats::qualified("skipped", "no_address"));
                         self.record("skipped", id, json!({ "reason": format!("`{}` names nobody for this customer", assign.source()) }));
                     }
                     (_, Err(e)) => {
+                        self.count(&id, stats::qualified("skipped", "error"));
                         self.record("skipped", id, json!({ "reason": e.to_string() }));
                     }
                 }
@@ -746,6 +823,7 @@ impl Exec<'_, '_> {
 
     /// End the run; the caller has recorded the step that ended it.
     fn end(&mut self, outcome: &str) {
+        self.count(stats::FLOW, stats::qualified(metric::ENDED, outcome));
         self.run.status = RunStatus::Ended;
         self.run.step = None;
         self.run.wake_at = None;
@@ -775,6 +853,7 @@ impl Exec<'_, '_> {
                 .to_owned();
             self.fail(&step, error);
         }
+        self.count_record(action, &step, &detail);
         self.run.seq += 1;
         self.run.updated_at = self.cx.now;
         self.out.history.push(HistoryEntry {
@@ -787,6 +866,28 @@ impl Exec<'_, '_> {
             action: action.to_owned(),
             detail,
         });
+    }
+
+    /// The counters a history row moves: what it did at its step, and on which channel.
+    /// (Arrivals and edges are counted by `advance`, the reasons of delays and skips by
+    /// `send`, conversions by `goal`, outcomes by `end`.)
+    fn count_record(&mut self, action: &str, step: &str, detail: &Json) {
+        let counted = match action {
+            "sent" | "failed" | "delayed" | "skipped" | "error" | "timeout" | "task" | "called"
+            | "late" => action,
+            "fallback" => metric::FELL_BACK,
+            "exit" => "exited",
+            _ => return,
+        };
+        self.count(step, counted.to_owned());
+        let channel = match action {
+            "fallback" => detail.get("from"),
+            "sent" | "failed" => detail.get("channel"),
+            _ => None,
+        };
+        if let Some(channel) = channel.and_then(Json::as_str) {
+            self.count(step, stats::qualified(counted, channel));
+        }
     }
 
     fn with_scope<R>(&self, event: Option<&Event>, f: impl FnOnce(&Scope<'_>) -> R) -> R {

@@ -32,5 +32,6 @@ pub mod executor;
 pub mod runtime;
 pub mod scenario;
 pub mod state;
+pub mod stats;
 pub mod store;
 pub mod testing;

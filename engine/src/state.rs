@@ -1,6 +1,8 @@
 //! The runtime records: customers, events, runs and what a transition writes. These are the
 //! rows the store keeps and the values the pure executor reads and returns.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json};
@@ -300,6 +302,10 @@ pub struct Run {
     /// a `wait: { event }`. It is `event` in step expressions and templates.
     pub event: Option<Event>,
     pub arm: Arm,
+    /// The arm each `split` step sent the run down (split step id -> next step id, or
+    /// `control`): conversions are counted per arm.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub splits: BTreeMap<String, String>,
     /// The last step that touched the customer (a send or a task), for attribution.
     pub last_touch: Option<String>,
     /// Goal conversions count until this moment.
@@ -464,6 +470,8 @@ pub struct Batch {
     pub conversions: Vec<Conversion>,
     /// Run-time failures of this round, one per flow, step and customer (counts added).
     pub failures: Vec<Failure>,
+    /// Outcome counters of this round, summed per counter (`stats::merge`).
+    pub counts: Vec<crate::stats::Count>,
     /// Inbox items now applied (by sequence number from `Store::inbox_pending`).
     pub inbox_done: Vec<i64>,
     /// The customer leases the round ran under, when several daemons share the database:
@@ -498,6 +506,7 @@ impl Batch {
             && self.outbox.is_empty()
             && self.conversions.is_empty()
             && self.failures.is_empty()
+            && self.counts.is_empty()
             && self.inbox_done.is_empty()
     }
 }

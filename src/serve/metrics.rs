@@ -41,6 +41,22 @@ pub struct FailureLabels {
     pub step: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabels {
+    pub flow: String,
+    /// A step id, or empty for the flow as a whole.
+    pub step: String,
+    /// The counter's name (`entered`, `sent:sms`, `skipped:cap`, `ended:completed`, …; see
+    /// docs/runtime.md "Outcome counters"). Edges (`to:STEP`) are left out.
+    pub outcome: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WaitingLabels {
+    pub flow: String,
+    pub step: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub events_in: Family<SourceLabel, Counter>,
@@ -55,6 +71,8 @@ pub struct Metrics {
     pub outbox_depth: Family<StatusLabel, Gauge>,
     pub outbox_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub failures: Family<FailureLabels, Gauge>,
+    pub step_outcomes: Family<StepLabels, Counter>,
+    pub step_waiting: Family<WaitingLabels, Gauge>,
 }
 
 impl Metrics {
@@ -132,6 +150,20 @@ impl Metrics {
              and steps that ended a run with an error. Only grows",
             failures.clone(),
         );
+        let step_outcomes = Family::<StepLabels, Counter>::default();
+        registry.register(
+            "step_outcomes",
+            "Outcome counters this daemon committed, per flow, step and outcome (sum over \
+             daemons; the database's totals are in GET /v1/flows/{id}/stats)",
+            step_outcomes.clone(),
+        );
+        let step_waiting = Family::<WaitingLabels, Gauge>::default();
+        registry.register(
+            "step_waiting",
+            "Runs waiting at each step of each loaded flow now, from the database (the same \
+             on every daemon)",
+            step_waiting.clone(),
+        );
         Metrics {
             registry,
             events_in,
@@ -146,6 +178,8 @@ impl Metrics {
             outbox_depth,
             outbox_lag_seconds,
             failures,
+            step_outcomes,
+            step_waiting,
         }
     }
 

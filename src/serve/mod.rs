@@ -28,7 +28,7 @@ use tokio::sync::{Notify, watch};
 
 pub use config::ServeArgs;
 use config::Settings;
-use metrics::Metrics;
+use metrics::{Metrics, StepLabels};
 
 /// The longest the engine loop sleeps: it catches work another daemon enqueued at least
 /// this often.
@@ -410,6 +410,18 @@ async fn engine_pass(app: &App, last_fire: &mut HashMap<String, Time>) -> anyhow
                 .observe(t.elapsed().as_secs_f64());
             tracing::info!(flow = %flow.id, %at, "schedule fired");
         }
+    }
+    for c in &stats.counts {
+        if c.metric.starts_with("to:") {
+            continue;
+        }
+        m.step_outcomes
+            .get_or_create(&StepLabels {
+                flow: c.flow.clone(),
+                step: c.step.clone(),
+                outcome: c.metric.clone(),
+            })
+            .inc_by(u64::try_from(c.n).unwrap_or(0));
     }
     m.transitions.inc_by(stats.transitions);
     m.runs_started.inc_by(stats.started);

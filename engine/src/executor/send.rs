@@ -22,6 +22,7 @@ impl Exec<'_, '_> {
         // Fallback: the first channel the customer can receive on.
         let reachable = self.first_reachable(channels);
         let Some((channel, address)) = reachable else {
+            self.count(id, stats::qualified("skipped", "no_address"));
             self.record("skipped", id.to_owned(), json!({ "template": template, "reason": format!("no address for {}", channels.join(", ")) }));
             self.run.wake_at = None;
             return Flow::Go(next);
@@ -38,11 +39,13 @@ impl Exec<'_, '_> {
             Decision::Delay { until, reason } => {
                 self.run.wake_at = Some(until);
                 self.run.waiting_for = None;
+                self.count(id, stats::qualified("delayed", reason.kind()));
                 self.record("delayed", id.to_owned(), json!({ "channel": channel, "template": template, "until": until.to_rfc3339(), "reason": reason.to_string() }));
                 return Flow::Park;
             }
             Decision::Skip { reason } => {
                 self.run.wake_at = None;
+                self.count(id, stats::qualified("skipped", reason.kind()));
                 self.record("skipped", id.to_owned(), json!({ "channel": channel, "template": template, "reason": reason.to_string() }));
                 return Flow::Go(next);
             }
@@ -51,6 +54,7 @@ impl Exec<'_, '_> {
         let payload = match self.render_message(&channel, files) {
             Ok(p) => p,
             Err(e) => {
+                self.count(id, stats::qualified("skipped", "error"));
                 self.record(
                     "skipped",
                     id.to_owned(),

@@ -72,6 +72,8 @@ impl<S: Store> Runtime<S> {
                     cs.batch,
                 )
             {
+                // (A `where` that failed is counted as a failure besides.)
+                refused(cs.batch, flow, "where", &self.policy, now);
                 continue;
             }
             self.start(cs, flow, Some(event), now);
@@ -279,12 +281,21 @@ impl<S: Store> Runtime<S> {
         now: Time,
     ) {
         let loaded = &mut *cs.loaded;
-        if loaded.customer.unsubscribed_at.is_some() || self.paused.contains(&flow.id) {
+        let why = if self.paused.contains(&flow.id) {
+            Some("paused")
+        } else if loaded.customer.unsubscribed_at.is_some() {
+            Some("opted_out")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            refused(cs.batch, flow, why, &self.policy, now);
             return;
         }
         let customer_id = loaded.customer.id.clone();
         let (enrolment, enrolment_dirty) = loaded.enrolment(&flow.id);
         if executor::may_enter(flow, Some(enrolment), now).is_err() {
+            refused(cs.batch, flow, "entry", &self.policy, now);
             return;
         }
         let mut run = executor::new_run(flow, &customer_id, enrolment.entries, event, now);
@@ -349,4 +360,24 @@ pub(super) fn holds(
             false
         }
     }
+}
+
+/// Count a customer the trigger matched but who was not let in, and why: `paused`,
+/// `opted_out`, `where` (the trigger's condition was false or failed), `entry` (the entry
+/// rule: already in the flow, once only, too soon to re-enter).
+fn refused(
+    batch: &mut crate::state::Batch,
+    flow: &CompiledFlow,
+    why: &str,
+    policy: &Policy,
+    now: Time,
+) {
+    batch.counts.push(crate::stats::Count {
+        flow: flow.id.clone(),
+        version: flow.hash.0.clone(),
+        step: crate::stats::FLOW.to_owned(),
+        metric: crate::stats::qualified(crate::stats::metric::REFUSED, why),
+        day: Some(crate::stats::day_of(now, policy.timezone)),
+        n: 1,
+    });
 }

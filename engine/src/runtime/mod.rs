@@ -47,6 +47,9 @@ pub struct Stats {
     pub calls: Vec<OutboxRow>,
     /// The pass stopped at the end of its [`Pace`] budget with work still waiting.
     pub more: bool,
+    /// The daily outcome counters the pass committed, summed (not the waiting gauge), for
+    /// a caller that exports them (the daemon's `/metrics`).
+    pub counts: Vec<crate::stats::Count>,
 }
 
 impl Stats {
@@ -58,6 +61,13 @@ impl Stats {
         self.commits += other.commits;
         self.calls.extend(other.calls);
         self.more |= other.more;
+        if !other.counts.is_empty() {
+            self.counts.extend(other.counts);
+            // Summed as they come, so a long pass holds one entry per counter.
+            if self.counts.len() > 1024 {
+                self.counts = crate::stats::merge(std::mem::take(&mut self.counts));
+            }
+        }
     }
 }
 

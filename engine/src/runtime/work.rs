@@ -30,7 +30,15 @@ pub(super) fn seal(mut work: Work, now: Time) -> (Batch, Stats) {
     }
     work.batch.at = now;
     work.batch.failures = merge_failures(std::mem::take(&mut work.batch.failures));
+    work.batch.counts = crate::stats::merge(std::mem::take(&mut work.batch.counts));
     let mut stats = work.stats;
+    stats.counts = work
+        .batch
+        .counts
+        .iter()
+        .filter(|c| c.day.is_some())
+        .cloned()
+        .collect();
     stats.transitions = work.batch.history.len() as u64;
     stats.outbox = work.batch.outbox.len() as u64;
     stats.calls = work
@@ -215,6 +223,7 @@ pub(super) fn absorb(
         *customer_dirty = true;
     }
     batch.failures.append(&mut tr.failures);
+    batch.counts.append(&mut tr.counts);
     if tr.is_empty() {
         return;
     }

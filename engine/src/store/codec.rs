@@ -62,6 +62,28 @@ pub(crate) fn to_json<T: Serialize + ?Sized>(table: &'static str, value: &T) -> 
     serde_json::to_string(value).map_err(|e| corrupt(table, format!("cannot encode JSON: {e}")))
 }
 
+/// A run's `splits` column: NULL when it passed no split (most runs: nothing written).
+pub(crate) fn splits_json(r: &Run) -> Result<Option<String>> {
+    if r.splits.is_empty() {
+        return Ok(None);
+    }
+    to_json("runs", &r.splits).map(Some)
+}
+
+/// The counter shard a batch writes to: one per daemon (by its lease owner), so daemons
+/// sharing a Postgres database never wait on each other's counter rows; readers sum the
+/// shards. 0 for a batch without a lease (one daemon, tests).
+pub(crate) fn shard(batch: &crate::state::Batch) -> i64 {
+    const SHARDS: u64 = 16;
+    let Some(lease) = &batch.lease else { return 0 };
+    // FNV-1a: stable across builds and processes, unlike the std hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in lease.owner.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    i64::try_from(h % SHARDS).unwrap_or(0)
+}
+
 fn from_json<T: DeserializeOwned>(table: &'static str, text: &str) -> Result<T> {
     serde_json::from_str(text).map_err(|e| corrupt(table, format!("bad JSON: {e}")))
 }
@@ -100,6 +122,11 @@ pub(crate) struct Rows<'a> {
     pub runs: Vec<&'a Run>,
     /// Run-time failures, upserted (counts added); one per flow, step and customer.
     pub failures: Vec<&'a Failure>,
+    /// Daily outcome counters and moves of the waiting gauge, summed per counter, in key
+    /// order (added to the stored ones), written to `shard`.
+    pub counts: Vec<crate::stats::Count>,
+    pub waiting: Vec<crate::stats::Count>,
+    pub shard: i64,
 }
 
 impl<'a> Rows<'a> {
@@ -125,6 +152,10 @@ impl<'a> Rows<'a> {
         failures.sort_unstable_by(|a, b| {
             (&a.flow, &a.step, &a.customer_id).cmp(&(&b.flow, &b.step, &b.customer_id))
         });
+        // Summed again: an upsert may touch a row once, whoever built the batch.
+        let (counts, waiting) = crate::stats::merge(batch.counts.clone())
+            .into_iter()
+            .partition(|c| c.day.is_some());
         Rows {
             customers,
             enrolments,
@@ -133,6 +164,9 @@ impl<'a> Rows<'a> {
             conversions,
             runs,
             failures,
+            counts,
+            waiting,
+            shard: shard(batch),
         }
     }
 }
@@ -247,7 +281,7 @@ impl FlowVersionRow {
 /// The columns of `runs`, in the order the write statements bind them.
 pub(crate) const RUN_COLUMNS: &str = "id, flow, version, customer_id, status, step, wake_at, \
      waiting_for, vars, event, arm, last_touch, goal_until, converted_at, outcome, seq, \
-     entered_at, updated_at";
+     entered_at, updated_at, splits";
 
 /// Read by Postgres as a row, by SQLite as a JSON array (`json_group_array`).
 #[derive(sqlx::FromRow, serde::Deserialize)]
@@ -270,6 +304,8 @@ pub(crate) struct RunRow {
     pub seq: i64,
     pub entered_at: i64,
     pub updated_at: i64,
+    /// JSON object, or NULL for a run that passed no split.
+    pub splits: Option<String>,
 }
 
 impl RunRow {
@@ -300,6 +336,10 @@ impl RunRow {
             seq: u32_of(T, "seq", self.seq)?,
             entered_at: time(T, self.entered_at)?,
             updated_at: time(T, self.updated_at)?,
+            splits: match &self.splits {
+                Some(text) => from_json(T, text)?,
+                None => Default::default(),
+            },
         })
     }
 }
@@ -759,4 +799,70 @@ pub(crate) fn assemble(
         }
     }
     out
+}
+
+/// A summed counter as both backends read it (`flow_stats`).
+#[derive(sqlx::FromRow)]
+pub(crate) struct StatDbRow {
+    pub version: String,
+    pub step: String,
+    pub metric: String,
+    pub n: i64,
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct DayDbRow {
+    pub day: i64,
+    pub metric: String,
+    pub n: i64,
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct VersionDbRow {
+    pub version: String,
+    pub created_at: i64,
+}
+
+/// `flow_stats`' answer from its three reads. Counts are never negative in a consistent
+/// database; one that is (a hand-edited row) reads as 0 rather than failing the page.
+pub(crate) fn flow_stats(
+    counts: Vec<StatDbRow>,
+    days: Vec<DayDbRow>,
+    waiting: Vec<StatDbRow>,
+    versions: Vec<VersionDbRow>,
+) -> Result<crate::stats::FlowStats> {
+    use crate::stats::{DayRow, FlowStats, StatRow, VersionInfo};
+    let row = |r: StatDbRow| StatRow {
+        version: r.version,
+        step: r.step,
+        metric: r.metric,
+        n: u64::try_from(r.n).unwrap_or(0),
+    };
+    let waiting: Vec<StatRow> = waiting.into_iter().map(row).collect();
+    let mut out_versions = Vec::with_capacity(versions.len());
+    for v in versions {
+        let parked = waiting
+            .iter()
+            .filter(|w| w.version == v.version)
+            .map(|w| w.n)
+            .sum();
+        out_versions.push(VersionInfo {
+            created_at: time("flow_versions", v.created_at)?,
+            version: v.version,
+            waiting: parked,
+        });
+    }
+    Ok(FlowStats {
+        counts: counts.into_iter().map(row).collect(),
+        days: days
+            .into_iter()
+            .map(|d| DayRow {
+                day: i32::try_from(d.day).unwrap_or_default(),
+                metric: d.metric,
+                n: u64::try_from(d.n).unwrap_or(0),
+            })
+            .collect(),
+        waiting,
+        versions: out_versions,
+    })
 }

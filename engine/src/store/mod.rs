@@ -10,6 +10,7 @@ use crate::state::{
     Failure, FailureCount, FlowCounts, FlowVersion, HistoryEntry, InboxItem, OutboxDepth,
     OutboxRow, Run, SandboxFilter, Time,
 };
+use crate::stats::{FlowStats, StatsQuery};
 
 mod codec;
 pub mod postgres;
@@ -312,6 +313,11 @@ pub trait Store: Clone + Send + Sync + 'static {
         &self,
         flow: Option<&str>,
     ) -> impl Future<Output = Result<Vec<FlowCounts>>> + Send;
+
+    /// A flow's outcome counters over a range of days (one version's, or all), the
+    /// flow-wide ones per day, the runs waiting now per step, and the versions that have
+    /// any (see [`crate::stats`]). Reads the counter tables only, whatever the history holds.
+    fn flow_stats(&self, q: &StatsQuery) -> impl Future<Output = Result<FlowStats>> + Send;
 
     // ---- customer leases: one daemon works on a customer at a time ----
 
@@ -642,6 +648,10 @@ impl Store for Database {
 
     async fn flow_counts(&self, flow: Option<&str>) -> Result<Vec<FlowCounts>> {
         delegate!(self, s => s.flow_counts(flow))
+    }
+
+    async fn flow_stats(&self, q: &StatsQuery) -> Result<FlowStats> {
+        delegate!(self, s => s.flow_stats(q))
     }
 
     async fn claim_customers(

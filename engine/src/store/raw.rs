@@ -271,6 +271,7 @@ fn entered(i: usize, t0: Time) -> Run {
         vars: Map::new(),
         event: Some(event),
         arm: Arm::Treated,
+        splits: Default::default(),
         last_touch: None,
         goal_until: Some(t0 + chrono::Duration::days(14)),
         converted_at: None,

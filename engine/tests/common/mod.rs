@@ -174,6 +174,7 @@ pub fn run(customer_id: &str, flow: &str, n: u32, wake_at: Option<Time>) -> Run 
         vars,
         event: Some(event(&format!("e-{customer_id}-{n}"), customer_id, t(0))),
         arm: Arm::Control,
+        splits: [("ab".to_owned(), "control".to_owned())].into(),
         last_touch: Some("welcome".into()),
         goal_until: Some(t(14 * 24 * 60)),
         converted_at: None,

@@ -5,6 +5,7 @@ mod deadletters;
 mod request;
 mod sandbox;
 mod segment;
+mod stats;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -25,7 +26,7 @@ use serde_json::{Map, Value as Json, json};
 
 use super::App;
 use super::config::Scope;
-use super::metrics::{FailureLabels, Metrics, StatusLabel};
+use super::metrics::{FailureLabels, Metrics, StatusLabel, WaitingLabels};
 use request::{ApiError, ApiResult, authorize, parse};
 use segment::{segment_batch, segment_identify, segment_track};
 
@@ -48,6 +49,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/customers/{id}/journeys", get(journeys))
         .route("/v1/flows", get(list_flows))
         .route("/v1/flows/{id}", get(get_flow))
+        .route("/v1/flows/{id}/stats", get(stats::get))
         .route("/v1/flows/{id}/pause", post(pause))
         .route("/v1/flows/{id}/resume", post(resume))
         .route("/v1/deadletters", get(deadletters::list))
@@ -132,6 +134,25 @@ async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiResult {
                 step: f.step,
             })
             .set(i64::try_from(f.count).unwrap_or(i64::MAX));
+    }
+    // Waiting runs per step of each loaded flow: a small read of the gauge table.
+    let engine = app.engine();
+    for flow in engine.flows.current() {
+        let q = canvas_engine::stats::StatsQuery {
+            flow: flow.id.clone(),
+            version: None,
+            from: 0,
+            to: -1,
+        };
+        let waiting = app.db.flow_stats(&q).await?.table(None);
+        for (_, step) in flow.steps() {
+            m.step_waiting
+                .get_or_create(&WaitingLabels {
+                    flow: flow.id.clone(),
+                    step: step.id.clone(),
+                })
+                .set(i64::try_from(waiting.get(&step.id, "waiting")).unwrap_or(i64::MAX));
+        }
     }
     let earliest = app.db.next_wake(Time::MIN_UTC).await?;
     m.timer_lag_seconds.set(lag(earliest, now));

@@ -28,6 +28,7 @@ use crate::state::{
     DeliveryState, Enrolment, Failure, FailureCount, FlowCounts, FlowVersion, HistoryEntry,
     InboxItem, OutboxDepth, OutboxRow, Run, SandboxFilter, Time,
 };
+use crate::stats::{Count, FlowStats, StatsQuery};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -160,12 +161,12 @@ async fn connect_once(options: &PgConnectOptions, timeout: Duration) -> Result<s
 
 const RUN_SELECT: &str = "id, flow, version, customer_id, status, step, wake_at, waiting_for, \
      vars::text AS vars, event::text AS event, arm, last_touch, goal_until, converted_at, \
-     outcome, seq, entered_at, updated_at";
+     outcome, seq, entered_at, updated_at, splits::text AS splits";
 
 const LOAD_RUNS: &str = "\
 SELECT id, flow, version, customer_id, status, step, wake_at, waiting_for, vars::text AS vars,
        event::text AS event, arm, last_touch, goal_until, converted_at, outcome, seq, entered_at,
-       updated_at
+       updated_at, splits::text AS splits
 FROM runs
 WHERE customer_id = ANY($1::text[])
   AND (status = 'waiting' OR (status = 'ended' AND goal_until > $2 AND converted_at IS NULL))
@@ -271,14 +272,44 @@ fn upsert_failures(n: &mut usize) -> String {
     )
 }
 
+/// The counters in key order (`WITH ORDINALITY`): two daemons whose shards collide lock
+/// the rows they share in one order, so they queue instead of deadlocking.
+fn upsert_counts(n: &mut usize) -> String {
+    let cols = arrays(n, &["text", "int8", "text", "text", "text", "int8"]);
+    let shard = *n;
+    *n += 1;
+    format!(
+        "INSERT INTO step_counts (flow, day, version, step, metric, shard, n)
+         SELECT f, d, v, s, m, ${shard}::int8, k
+         FROM UNNEST({cols}) WITH ORDINALITY AS t(f, d, v, s, m, k, o)
+         ORDER BY o
+         ON CONFLICT (flow, day, version, step, metric, shard) DO UPDATE SET
+             n = step_counts.n + EXCLUDED.n"
+    )
+}
+
+fn upsert_waiting(n: &mut usize) -> String {
+    let cols = arrays(n, &["text", "text", "text", "int8"]);
+    let shard = *n;
+    *n += 1;
+    format!(
+        "INSERT INTO step_waiting (flow, version, step, shard, n)
+         SELECT f, v, s, ${shard}::int8, k
+         FROM UNNEST({cols}) WITH ORDINALITY AS t(f, v, s, k, o)
+         ORDER BY o
+         ON CONFLICT (flow, version, step, shard) DO UPDATE SET n = step_waiting.n + EXCLUDED.n"
+    )
+}
+
 pub(crate) fn upsert_runs(n: &mut usize) -> String {
     format!(
         "INSERT INTO runs (id, flow, version, customer_id, status, step, wake_at, waiting_for,
              vars, event, arm, last_touch, goal_until, converted_at, outcome, seq, entered_at,
-             updated_at)
-         SELECT id, f, v, c, st, sp, w, wf, va::json, ev::json, a, lt, gu, ca, o, s, ea, ua
+             updated_at, splits)
+         SELECT id, f, v, c, st, sp, w, wf, va::json, ev::json, a, lt, gu, ca, o, s, ea, ua,
+             sl::json
          FROM UNNEST({})
-             AS t(id, f, v, c, st, sp, w, wf, va, ev, a, lt, gu, ca, o, s, ea, ua)
+             AS t(id, f, v, c, st, sp, w, wf, va, ev, a, lt, gu, ca, o, s, ea, ua, sl)
          ON CONFLICT (id) DO UPDATE SET flow = EXCLUDED.flow, version = EXCLUDED.version,
              customer_id = EXCLUDED.customer_id, status = EXCLUDED.status,
              step = EXCLUDED.step, wake_at = EXCLUDED.wake_at,
@@ -286,12 +317,12 @@ pub(crate) fn upsert_runs(n: &mut usize) -> String {
              arm = EXCLUDED.arm, last_touch = EXCLUDED.last_touch,
              goal_until = EXCLUDED.goal_until, converted_at = EXCLUDED.converted_at,
              outcome = EXCLUDED.outcome, seq = EXCLUDED.seq, entered_at = EXCLUDED.entered_at,
-             updated_at = EXCLUDED.updated_at",
+             updated_at = EXCLUDED.updated_at, splits = EXCLUDED.splits",
         arrays(
             n,
             &[
                 "text", "text", "text", "text", "text", "text", "int8", "text", "text", "text",
-                "text", "text", "int8", "int8", "text", "int8", "int8", "int8",
+                "text", "text", "int8", "int8", "text", "int8", "int8", "int8", "text",
             ]
         )
     )
@@ -312,6 +343,8 @@ fn commit_sql() -> &'static str {
         let conversions = insert_conversions(&mut n);
         let runs = upsert_runs(&mut n);
         let failures = upsert_failures(&mut n);
+        let counts = upsert_counts(&mut n);
+        let waiting = upsert_waiting(&mut n);
         let (done, applied) = (n, n + 1);
         format!(
             "WITH customers_ AS ({customers}),
@@ -321,6 +354,8 @@ fn commit_sql() -> &'static str {
              conversions_ AS ({conversions}),
              runs_ AS ({runs}),
              failures_ AS ({failures}),
+             counts_ AS ({counts}),
+             waiting_ AS ({waiting}),
              inbox_ AS (UPDATE inbox SET applied_at = ${applied}
                         WHERE seq = ANY(${done}::int8[]) AND applied_at IS NULL)
              SELECT 1"
@@ -462,6 +497,40 @@ pub(crate) fn bind_outbox<'a>(q: Q<'a>, rows: &[&'a OutboxRow]) -> Result<Q<'a>>
         .bind(ca))
 }
 
+fn bind_counts<'a>(q: Q<'a>, rows: &'a [Count], shard: i64) -> Q<'a> {
+    let n = rows.len();
+    let (mut f, mut d, mut v) = (cols::<&str>(n), cols::<i64>(n), cols::<&str>(n));
+    let (mut s, mut m, mut k) = (cols::<&str>(n), cols::<&str>(n), cols::<i64>(n));
+    for c in rows {
+        f.push(c.flow.as_str());
+        d.push(i64::from(c.day.unwrap_or_default()));
+        v.push(c.version.as_str());
+        s.push(c.step.as_str());
+        m.push(c.metric.as_str());
+        k.push(c.n);
+    }
+    q.bind(f)
+        .bind(d)
+        .bind(v)
+        .bind(s)
+        .bind(m)
+        .bind(k)
+        .bind(shard)
+}
+
+fn bind_waiting<'a>(q: Q<'a>, rows: &'a [Count], shard: i64) -> Q<'a> {
+    let n = rows.len();
+    let (mut f, mut v) = (cols::<&str>(n), cols::<&str>(n));
+    let (mut s, mut k) = (cols::<&str>(n), cols::<i64>(n));
+    for c in rows {
+        f.push(c.flow.as_str());
+        v.push(c.version.as_str());
+        s.push(c.step.as_str());
+        k.push(c.n);
+    }
+    q.bind(f).bind(v).bind(s).bind(k).bind(shard)
+}
+
 fn bind_failures<'a>(q: Q<'a>, rows: &[&'a Failure]) -> Q<'a> {
     let n = rows.len();
     let (mut f, mut s, mut c, mut k) = (
@@ -538,8 +607,9 @@ pub(crate) fn bind_runs<'a>(q: Q<'a>, rows: &[&'a Run]) -> Result<Q<'a>> {
         cols::<Option<&str>>(n),
     );
     let (mut gu, mut ca, mut o) = (cols(n), cols(n), cols::<Option<&str>>(n));
-    let (mut s, mut ea, mut ua) = (cols(n), cols(n), cols(n));
+    let (mut s, mut ea, mut ua, mut sl) = (cols(n), cols(n), cols(n), cols::<Option<String>>(n));
     for r in rows {
+        sl.push(codec::splits_json(r)?);
         id.push(r.id.as_str());
         f.push(r.flow.as_str());
         v.push(r.version.as_str());
@@ -576,7 +646,8 @@ pub(crate) fn bind_runs<'a>(q: Q<'a>, rows: &[&'a Run]) -> Result<Q<'a>> {
         .bind(o)
         .bind(s)
         .bind(ea)
-        .bind(ua))
+        .bind(ua)
+        .bind(sl))
 }
 
 impl Store for PgStore {
@@ -768,6 +839,8 @@ impl Store for PgStore {
         let q = bind_conversions(q, &rows.conversions);
         let q = bind_runs(q, &rows.runs)?;
         let q = bind_failures(q, &rows.failures);
+        let q = bind_counts(q, &rows.counts, rows.shard);
+        let q = bind_waiting(q, &rows.waiting, rows.shard);
         let q = q.bind(batch.inbox_done.as_slice()).bind(ms(batch.at));
         let Some(lease) = &batch.lease else {
             q.execute(&self.pool).await?;
@@ -903,6 +976,10 @@ impl Store for PgStore {
         daemon::flow_counts(self, flow).await
     }
 
+    async fn flow_stats(&self, q: &StatsQuery) -> Result<FlowStats> {
+        stats::flow_stats(self, q).await
+    }
+
     async fn claim_customers(
         &self,
         ids: &[String],
@@ -925,3 +1002,4 @@ fn limit_i64(n: usize) -> i64 {
 // After the macros above, which the submodules use.
 mod daemon;
 mod reads;
+mod stats;

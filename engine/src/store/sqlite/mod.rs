@@ -46,6 +46,7 @@ use crate::state::{
     DeliveryState, Enrolment, Failure, FailureCount, FlowCounts, FlowVersion, HistoryEntry,
     InboxItem, OutboxDepth, OutboxRow, Run, SandboxFilter, Time,
 };
+use crate::stats::{Count, FlowStats, StatsQuery};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -452,18 +453,31 @@ static UPSERT_FAILURES: Shape = Shape::new(
      excluded.count, error = excluded.error, at = excluded.at",
 );
 
+static UPSERT_COUNTS: Shape = Shape::new(
+    "INSERT INTO step_counts (flow, day, version, step, metric, shard, n) VALUES ",
+    7,
+    " ON CONFLICT (flow, day, version, step, metric, shard) DO UPDATE SET \
+     n = step_counts.n + excluded.n",
+);
+
+static UPSERT_WAITING: Shape = Shape::new(
+    "INSERT INTO step_waiting (flow, version, step, shard, n) VALUES ",
+    5,
+    " ON CONFLICT (flow, version, step, shard) DO UPDATE SET n = step_waiting.n + excluded.n",
+);
+
 pub(crate) static UPSERT_RUNS: Shape = Shape::new(
     "INSERT INTO runs (id, flow, version, customer_id, status, step, wake_at, waiting_for, \
      vars, event, arm, last_touch, goal_until, converted_at, outcome, seq, entered_at, \
-     updated_at) VALUES ",
-    18,
+     updated_at, splits) VALUES ",
+    19,
     " ON CONFLICT (id) DO UPDATE SET flow = excluded.flow, version = excluded.version, \
      customer_id = excluded.customer_id, status = excluded.status, step = excluded.step, \
      wake_at = excluded.wake_at, waiting_for = excluded.waiting_for, vars = excluded.vars, \
      event = excluded.event, arm = excluded.arm, last_touch = excluded.last_touch, \
      goal_until = excluded.goal_until, converted_at = excluded.converted_at, \
      outcome = excluded.outcome, seq = excluded.seq, entered_at = excluded.entered_at, \
-     updated_at = excluded.updated_at",
+     updated_at = excluded.updated_at, splits = excluded.splits",
 );
 
 static ENQUEUE: Shape = Shape::new(
@@ -544,7 +558,7 @@ pub(crate) fn bind_run<'a>(a: &mut Args<'a>, r: &'a Run) -> Result<()> {
         to_json(T, &r.vars)?, r.event.as_ref().map(|e| to_json(T, e)).transpose()?,
         arm_str(r.arm), r.last_touch.as_deref(), opt_ms(r.goal_until),
         opt_ms(r.converted_at), r.outcome.as_deref(), i64::from(r.seq), ms(r.entered_at),
-        ms(r.updated_at));
+        ms(r.updated_at), codec::splits_json(r)?);
     Ok(())
 }
 
@@ -561,7 +575,7 @@ SELECT
    FROM customers WHERE id IN (SELECT value FROM json_each(?1))),
   (SELECT json_group_array(json_array(id, flow, version, customer_id, status, step, wake_at,
           waiting_for, vars, event, arm, last_touch, goal_until, converted_at, outcome, seq,
-          entered_at, updated_at) ORDER BY customer_id, entered_at, id)
+          entered_at, updated_at, splits) ORDER BY customer_id, entered_at, id)
    FROM runs
    WHERE customer_id IN (SELECT value FROM json_each(?1))
      AND (status = 'waiting'
@@ -795,6 +809,22 @@ impl Store for SqliteStore {
         UPSERT_FAILURES
             .write(&mut pipe, &rows.failures, bind_failure)
             .await?;
+        let shard = rows.shard;
+        let counts: Vec<&Count> = rows.counts.iter().collect();
+        UPSERT_COUNTS
+            .write(&mut pipe, &counts, |a, c| {
+                add!(a; c.flow.as_str(), i64::from(c.day.unwrap_or_default()), c.version.as_str(),
+                    c.step.as_str(), c.metric.as_str(), shard, c.n);
+                Ok(())
+            })
+            .await?;
+        let waiting: Vec<&Count> = rows.waiting.iter().collect();
+        UPSERT_WAITING
+            .write(&mut pipe, &waiting, |a, c| {
+                add!(a; c.flow.as_str(), c.version.as_str(), c.step.as_str(), shard, c.n);
+                Ok(())
+            })
+            .await?;
         if !batch.inbox_done.is_empty() {
             let mut seqs = String::from("[");
             for (i, seq) in batch.inbox_done.iter().enumerate() {
@@ -928,6 +958,10 @@ impl Store for SqliteStore {
         daemon::flow_counts(self, flow).await
     }
 
+    async fn flow_stats(&self, q: &StatsQuery) -> Result<FlowStats> {
+        stats::flow_stats(self, q).await
+    }
+
     async fn claim_customers(
         &self,
         ids: &[String],
@@ -950,3 +984,4 @@ pub(crate) fn limit_i64(n: usize) -> i64 {
 // After the macros above, which the submodules use.
 mod daemon;
 mod reads;
+mod stats;
