@@ -519,7 +519,9 @@ async fn customer_ids_paging(db: Arc<Database>) {
 
 async fn waiting_at_lists_longest_waiting_first(db: Arc<Database>) {
     assert_eq!(
-        db.waiting_at("birthday", "gift", 10).await.expect("waiting"),
+        db.waiting_at("birthday", "gift", 10)
+            .await
+            .expect("waiting"),
         vec![]
     );
     // Three at `gift` (entered at 3, 1, 2 minutes), one elsewhere, one in another flow, one
@@ -545,7 +547,10 @@ async fn waiting_at_lists_longest_waiting_first(db: Arc<Database>) {
     commit(&db, &batch).await;
     let ids = |runs: Vec<Run>| runs.into_iter().map(|r| r.customer_id).collect::<Vec<_>>();
     assert_eq!(
-        ids(db.waiting_at("birthday", "gift", 10).await.expect("waiting")),
+        ids(db
+            .waiting_at("birthday", "gift", 10)
+            .await
+            .expect("waiting")),
         ["b", "c", "a"]
     );
     assert_eq!(

@@ -4,6 +4,7 @@
 //! channels of `canvas.yaml`. SIGTERM or SIGINT stops taking work, lets what is in flight
 //! finish, and exits 0.
 
+pub mod actions;
 mod api;
 pub mod config;
 mod dispatch;
