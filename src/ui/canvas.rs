@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::auth::{self, CsrfForm, check_post, require};
 use super::layout::{Size, layout};
-use super::{UiError, UiResult, check_id, render, seg, shown};
+use super::{UiError, UiResult, check_id, link, render, seg, shown};
 use crate::serve::App;
 use crate::serve::actions;
 use crate::serve::config::Scope;
@@ -145,7 +145,7 @@ async fn fill_numbers(
 #[derive(Debug, Serialize)]
 struct NodeView {
     id: String,
-    href: String,
+    href: minijinja::Value,
     kind: &'static str,
     title: String,
     /// Lines under the title: what the step does (template, channels, wait…).
@@ -264,7 +264,11 @@ fn drawing(
                 .unwrap_or_default();
             NodeView {
                 id: step.id.clone(),
-                href: format!("/ui/flows/{}/steps/{}", seg(&flow.id), seg(&step.id)),
+                href: link(format!(
+                    "/ui/flows/{}/steps/{}",
+                    seg(&flow.id),
+                    seg(&step.id)
+                )),
                 kind,
                 title: clip(step.name.as_deref().unwrap_or(&step.id)),
                 lines,
@@ -500,7 +504,7 @@ pub(crate) async fn page(
                 version => current.hash.short(),
                 paused => engine.paused.contains(&id),
                 shown_version => flow.hash.short(),
-                href => format!("/ui/flows/{}", seg(&current.id)),
+                href => link(format!("/ui/flows/{}", seg(&current.id))),
             },
             rules => rules(&flow),
             totals => numbers.totals.iter().collect::<Vec<_>>(),
@@ -579,7 +583,7 @@ pub(crate) async fn waiting(
         .map(|r| {
             minijinja::context! {
                 customer => r.customer_id,
-                href => format!("/ui/customers/{}", seg(&r.customer_id)),
+                href => link(format!("/ui/customers/{}", seg(&r.customer_id))),
                 run => r.id,
                 version => r.version.get(..12).unwrap_or(&r.version),
                 entered => shown(r.entered_at, zone),
@@ -593,7 +597,7 @@ pub(crate) async fn waiting(
         minijinja::context! {
             chrome => session.chrome(),
             title => format!("Waiting at {step}"),
-            flow => minijinja::context! { id => flow.id, name => flow.name, href => format!("/ui/flows/{}", seg(&flow.id)) },
+            flow => minijinja::context! { id => flow.id, name => flow.name, href => link(format!("/ui/flows/{}", seg(&flow.id))) },
             step => step,
             limit => WAITING_LIMIT,
             full => rows.len() == WAITING_LIMIT,

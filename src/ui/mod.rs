@@ -266,6 +266,14 @@ pub(crate) fn shown(t: canvas_engine::state::Time, zone: chrono_tz::Tz) -> Shown
     }
 }
 
+/// A link for a template: `path` is a literal prefix plus [`seg`]-encoded parts, so it
+/// holds no character HTML gives a meaning to and goes out as written (not with its `/`
+/// escaped).
+pub(crate) fn link(path: String) -> minijinja::Value {
+    debug_assert!(!path.contains(['<', '>', '"', '\'', '&']), "{path}");
+    minijinja::Value::from_safe_string(path)
+}
+
 /// A path segment, percent-encoded (ids hold `/`, spaces and any Unicode).
 pub(crate) fn seg(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -314,6 +322,27 @@ mod tests {
             .expect("renders");
         assert!(!page.contains("<script>alert"), "{page}");
         assert!(page.contains("&lt;script&gt;"), "{page}");
+    }
+
+    #[test]
+    fn links_go_out_as_written() {
+        #[derive(Serialize)]
+        struct Node {
+            href: minijinja::Value,
+        }
+        let mut env = Environment::new();
+        env.add_template("t.html", r#"<a href="{{ a }}"><a href="{{ n.href }}">"#)
+            .expect("parses");
+        let page = env
+            .get_template("t.html")
+            .and_then(|t| {
+                t.render(minijinja::context! {
+                    a => link(format!("/ui/flows/{}", seg("a/b"))),
+                    n => Node { href: link("/ui/x/y".to_owned()) },
+                })
+            })
+            .expect("renders");
+        assert_eq!(page, r#"<a href="/ui/flows/a%2Fb"><a href="/ui/x/y">"#);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use canvas_engine::testing::ShowIn;
 use serde::Deserialize;
 
 use super::auth::{check_post, require};
-use super::{UiError, UiResult, check_id, render, seg, shown};
+use super::{UiError, UiResult, check_id, link, render, seg, shown};
 use crate::explain::Story;
 use crate::serve::App;
 use crate::serve::actions;
@@ -66,13 +66,13 @@ pub(crate) async fn flows(State(app): State<Arc<App>>, headers: HeaderMap) -> Ui
         rows.push(minijinja::context! {
             id => f.id,
             name => f.name,
-            href => format!("/ui/flows/{}", seg(&f.id)),
+            href => link(format!("/ui/flows/{}", seg(&f.id))),
             state => if engine.paused.contains(&f.id) { "paused" } else { "live" },
             version => f.hash.short(),
             counts => c,
             failed => failed_by_flow.get(f.id.as_str()).copied().unwrap_or(0),
             dead => dead_by_flow.get(f.id.as_str()).copied().unwrap_or(0),
-            dead_href => format!("/ui/deadletters?flow={}", seg(&f.id)),
+            dead_href => link(format!("/ui/deadletters?flow={}", seg(&f.id))),
             conversion => conversion(c),
         });
     }
@@ -86,7 +86,7 @@ pub(crate) async fn flows(State(app): State<Arc<App>>, headers: HeaderMap) -> Ui
             counts => c,
             failed => failed_by_flow.get(c.flow.as_str()).copied().unwrap_or(0),
             dead => dead_by_flow.get(c.flow.as_str()).copied().unwrap_or(0),
-            dead_href => format!("/ui/deadletters?flow={}", seg(&c.flow)),
+            dead_href => link(format!("/ui/deadletters?flow={}", seg(&c.flow))),
             conversion => conversion(Some(c)),
         });
     }
@@ -149,7 +149,7 @@ fn delivery_view(d: &DeliveryState, zone: chrono_tz::Tz) -> minijinja::Value {
         kind => d.row.kind.as_str(),
         flow => d.row.flow,
         customer => d.row.customer_id,
-        customer_href => format!("/ui/customers/{}", seg(&d.row.customer_id)),
+        customer_href => link(format!("/ui/customers/{}", seg(&d.row.customer_id))),
         step => d.row.step,
         channel => d.row.channel,
         address => d.row.address,
@@ -222,7 +222,7 @@ pub(crate) async fn customer(
             minijinja::context! {
                 id => r.id,
                 flow => r.flow,
-                flow_href => format!("/ui/flows/{}", seg(&r.flow)),
+                flow_href => link(format!("/ui/flows/{}", seg(&r.flow))),
                 version => r.version.get(..12).unwrap_or(&r.version),
                 state => state,
                 arm => match r.arm { canvas_engine::state::Arm::Treated => "treated", canvas_engine::state::Arm::Control => "control" },
