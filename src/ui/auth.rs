@@ -16,7 +16,7 @@ use std::sync::{Arc, LazyLock};
 use axum::extract::State;
 use axum::extract::rejection::FormRejection;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Redirect, Response};
+use axum::response::{IntoResponse, Redirect};
 use axum::{Form, extract::Query};
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
@@ -172,10 +172,9 @@ pub(crate) fn session(app: &App, headers: &HeaderMap) -> Option<Session> {
 }
 
 /// The session, or the way to the login form (back to `here` afterwards).
-pub(crate) fn require(app: &App, headers: &HeaderMap, here: &str) -> Result<Session, Response> {
-    session(app, headers).ok_or_else(|| {
-        Redirect::to(&format!("/ui/login?next={}", super::seg(here))).into_response()
-    })
+pub(crate) fn require(app: &App, headers: &HeaderMap, here: &str) -> Result<Session, Redirect> {
+    session(app, headers)
+        .ok_or_else(|| Redirect::to(&format!("/ui/login?next={}", super::seg(here))))
 }
 
 /// A POST's checks: a session of `need` scope, the browser's word that the request is from

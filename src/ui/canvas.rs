@@ -447,7 +447,7 @@ pub(crate) async fn page(
 ) -> UiResult {
     let session = match require(&app, &headers, &format!("/ui/flows/{}", seg(&id))) {
         Ok(s) => s,
-        Err(to_login) => return Ok(to_login),
+        Err(to_login) => return Ok(to_login.into_response()),
     };
     check_id("flow id", &id)?;
     let Query(q) = query.map_err(|e| UiError::bad(e.body_text()))?;
@@ -563,7 +563,7 @@ pub(crate) async fn waiting(
     let here = format!("/ui/flows/{}/steps/{}", seg(&id), seg(&step));
     let session = match auth::require(&app, &headers, &here) {
         Ok(s) => s,
-        Err(to_login) => return Ok(to_login),
+        Err(to_login) => return Ok(to_login.into_response()),
     };
     check_id("flow id", &id)?;
     check_id("step id", &step)?;

@@ -29,7 +29,7 @@ macro_rules! session_or_login {
     ($app:expr, $headers:expr, $here:expr) => {
         match require($app, $headers, $here) {
             Ok(s) => s,
-            Err(to_login) => return Ok(to_login),
+            Err(to_login) => return Ok(to_login.into_response()),
         }
     };
 }
