@@ -242,17 +242,31 @@ pub fn layout(sizes: &[Size], edges: &[(usize, usize)]) -> Layout {
             x += widths[v] + GAP_X;
         }
     }
-    for row in rows.iter().skip(1) {
-        let mut prev_right = f64::NEG_INFINITY;
-        for &v in row {
-            let want = if up[v].is_empty() {
-                cx[v]
-            } else {
-                up[v].iter().map(|&u| cx[u]).sum::<f64>() / up[v].len() as f64
-            };
-            let least = prev_right + GAP_X + widths[v] / 2.0;
-            cx[v] = want.max(least);
-            prev_right = cx[v] + widths[v] / 2.0;
+    // Pull each node toward its neighbours above (down the layers), then below (up the
+    // layers), a few rounds; each layer keeps its order and its gaps.
+    for round in 0..4 {
+        let downward = round % 2 == 0;
+        let layers: Vec<usize> = if downward {
+            (1..depth).collect()
+        } else {
+            (0..depth.saturating_sub(1)).rev().collect()
+        };
+        for l in layers {
+            let row = &rows[l];
+            let want: Vec<f64> = row
+                .iter()
+                .map(|&v| {
+                    let near = if downward { &up[v] } else { &down[v] };
+                    if near.is_empty() {
+                        cx[v]
+                    } else {
+                        near.iter().map(|&u| cx[u]).sum::<f64>() / near.len() as f64
+                    }
+                })
+                .collect();
+            for (v, x) in row.iter().zip(spread(row, &want, &widths)) {
+                cx[*v] = x;
+            }
         }
     }
     let left = (0..total)
@@ -299,6 +313,25 @@ pub fn layout(sizes: &[Size], edges: &[(usize, usize)]) -> Layout {
         width,
         height,
     }
+}
+
+/// Centres as close to `want` as the gaps allow, in the row's order: the mean of the
+/// leftmost and the rightmost placement that keep every gap (each keeps them, so their mean
+/// does too).
+fn spread(row: &[usize], want: &[f64], widths: &[f64]) -> Vec<f64> {
+    let gap = |i: usize| (widths[row[i - 1]] + widths[row[i]]) / 2.0 + GAP_X;
+    let mut left = want.to_vec();
+    for i in 1..row.len() {
+        left[i] = left[i].max(left[i - 1] + gap(i));
+    }
+    let mut right = want.to_vec();
+    for i in (1..row.len()).rev() {
+        right[i - 1] = right[i - 1].min(right[i] - gap(i));
+    }
+    left.iter()
+        .zip(&right)
+        .map(|(l, r)| (l + r) / 2.0)
+        .collect()
 }
 
 /// Edge crossings between consecutive layers for the order `pos`.
@@ -408,6 +441,25 @@ mod tests {
         assert_eq!(l.layers, vec![0, 1, 2, 2, 4, 3, 5]);
         // The long edge bends through the layers between (two dummy layers, two points each).
         assert_eq!(l.edges[6].len(), 2 + 2 * 2);
+    }
+
+    #[test]
+    fn a_chain_stays_straight() {
+        // A node with one parent sits under it: 0-1-2-3 in a line, with a side branch 1-4-3.
+        let l = check(
+            &boxes(5)
+                .iter()
+                .map(|_| Size { w: 100.0, h: 40.0 })
+                .collect::<Vec<_>>(),
+            &[(0, 1), (1, 2), (2, 3), (1, 4), (4, 3)],
+        );
+        let centre = |i: usize| l.nodes[i].x + l.nodes[i].w / 2.0;
+        assert_eq!(centre(0), centre(1), "{l:?}");
+        assert_eq!(centre(3), centre(1), "the join sits under the fork: {l:?}");
+        assert!(
+            (centre(2) - centre(1)).abs() == (centre(4) - centre(1)).abs(),
+            "{l:?}"
+        );
     }
 
     #[test]
