@@ -502,3 +502,83 @@ async fn a_dead_letter_is_retried_from_its_page() {
     assert_eq!(page.status, StatusCode::NOT_FOUND);
     assert!(daemon.terminate().success());
 }
+
+#[tokio::test]
+async fn sessions_are_stateless_across_daemons_and_end_with_their_token() {
+    // Two daemons with the same tokens (two SQLite files, as two daemons behind one address
+    // would be with one Postgres): a session made by one is taken by the other.
+    let a = Daemon::start(SINK_SMS);
+    let b = Daemon::start(SINK_SMS);
+    let cookie = login(&a.base, WRITE).await;
+    let page = get(&format!("{}/ui/flows", b.base), Some(&cookie)).await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    let token = csrf(&page.body);
+    let page = post(
+        &format!("{}/ui/flows/welcome/pause", b.base),
+        Some(&cookie),
+        &[("csrf", &token)],
+    )
+    .await;
+    assert_eq!(page.status, StatusCode::SEE_OTHER, "{}", page.body);
+    // A daemon whose write token was rotated: the old session is no session.
+    let rotated = Daemon::start_with(SINK_SMS, &[("CANVAS_API_TOKEN", "rotated-token")]);
+    let page = get(&format!("{}/ui/flows", rotated.base), Some(&cookie)).await;
+    assert_eq!(page.status, StatusCode::SEE_OTHER);
+    assert!(
+        page.headers[LOCATION]
+            .to_str()
+            .unwrap()
+            .starts_with("/ui/login")
+    );
+    for d in [a, b, rotated] {
+        assert!(d.terminate().success());
+    }
+}
+
+#[tokio::test]
+async fn without_tokens_the_pages_are_open_and_posts_still_need_the_csrf_token() {
+    let daemon = Daemon::start_with(
+        SINK_SMS,
+        &[("CANVAS_API_TOKEN", ""), ("CANVAS_API_READ_TOKEN", "")],
+    );
+    let base = &daemon.base;
+    let page = get(&format!("{base}/ui/flows"), None).await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    assert!(!page.body.contains("Log out"), "no session to end");
+    let page = get(&format!("{base}/ui/login"), None).await;
+    assert_eq!(page.headers[LOCATION], "/ui/flows");
+    let canvas = get(&format!("{base}/ui/flows/welcome"), None).await;
+    assert_eq!(canvas.status, StatusCode::OK);
+    assert!(canvas.body.contains("data-step=\"hello\""));
+    assert!(
+        canvas.body.contains("transactional"),
+        "the mark on a transactional send"
+    );
+    let token = csrf(&canvas.body);
+    let page = post(&format!("{base}/ui/flows/welcome/pause"), None, &[]).await;
+    assert_eq!(page.status, StatusCode::FORBIDDEN);
+    let cross = browser()
+        .post(format!("{base}/ui/flows/welcome/pause"))
+        .header("origin", "http://evil.example")
+        .form(&[("csrf", token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cross.status(), StatusCode::FORBIDDEN, "another site's form");
+    let page = post(
+        &format!("{base}/ui/flows/welcome/pause"),
+        None,
+        &[("csrf", &token)],
+    )
+    .await;
+    assert_eq!(page.status, StatusCode::SEE_OTHER, "{}", page.body);
+    let (s, flow) = call(
+        reqwest::Method::GET,
+        &format!("{base}/v1/flows/welcome"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!((s, &flow["paused"]), (200, &json!(true)), "{flow}");
+    assert!(daemon.terminate().success());
+}
