@@ -284,6 +284,14 @@ async fn ui_pages(daemon: &Daemon) {
     }
     let page = get(&format!("{base}/ui/flows/no-such-flow"), Some(&reader)).await;
     assert_eq!(page.status, StatusCode::NOT_FOUND);
+    assert!(
+        page.body.contains("no flow `no-such-flow`"),
+        "{}",
+        page.body
+    );
+    let page = get(&format!("{base}/ui/nothing/here"), Some(&reader)).await;
+    assert_eq!(page.status, StatusCode::NOT_FOUND);
+    assert!(page.body.contains("<h1>404"), "an HTML page: {}", page.body);
 
     // A node lists who waits there; the customer's id is escaped and linked.
     let waiting = get(

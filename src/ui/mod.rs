@@ -57,6 +57,21 @@ pub fn router() -> Router<Arc<App>> {
         .layer(from_fn(security_headers))
 }
 
+/// The page for an address under `/ui/` that is no page (the API router's fallback).
+pub fn not_found(path: &str) -> Response {
+    let mut response =
+        UiError::not_found(format!("no page at {path}; see docs/ui.md")).into_response();
+    for (name, value) in [
+        (header::CONTENT_SECURITY_POLICY, CSP),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+    ] {
+        response
+            .headers_mut()
+            .insert(name, HeaderValue::from_static(value));
+    }
+    response
+}
+
 async fn css() -> Response {
     (
         [

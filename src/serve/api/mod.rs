@@ -69,8 +69,11 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-async fn not_found() -> ApiError {
-    ApiError::not_found("no such endpoint; see docs/api.md")
+async fn not_found(uri: axum::http::Uri) -> Response {
+    if uri.path().starts_with("/ui/") {
+        return crate::ui::not_found(uri.path());
+    }
+    ApiError::not_found("no such endpoint; see docs/api.md").into_response()
 }
 
 async fn method_not_allowed() -> ApiError {
