@@ -33,7 +33,7 @@ pub fn explain(store: Store, q: Question, format: Format) -> anyhow::Result<Exit
         let db = Database::open_existing(database.expose(), store.database_timeout)
             .await
             .with_context(|| format!("opening {database}"))?;
-        anyhow::Ok(Story::read(&db, &q).await?)
+        anyhow::Ok(Story::read(&db, &q.customer, q.flow.as_deref()).await?)
     })?;
     let Some(story) = story else {
         writeln!(
@@ -86,19 +86,28 @@ pub fn explain(store: Store, q: Question, format: Format) -> anyhow::Result<Exit
     Ok(ExitCode::SUCCESS)
 }
 
-struct Story {
-    zone: Option<String>,
-    runs: Vec<Run>,
-    history: Vec<HistoryEntry>,
-    deliveries: Vec<DeliveryState>,
-    failures: Vec<Failure>,
+/// A customer's story as the database has it: read by `canvas explain`, the journeys API
+/// and the web UI's customer page alike.
+pub(crate) struct Story {
+    /// The customer's own time zone, when their profile names one.
+    pub zone: Option<String>,
+    /// Oldest first.
+    pub runs: Vec<Run>,
+    /// In order.
+    pub history: Vec<HistoryEntry>,
+    pub deliveries: Vec<DeliveryState>,
+    pub failures: Vec<Failure>,
 }
 
 impl Story {
-    /// `None` when the database has never heard of the customer.
-    async fn read(db: &Database, q: &Question) -> canvas_engine::store::Result<Option<Story>> {
-        let id = &q.customer;
-        let of_flow = |flow: &str| q.flow.as_deref().is_none_or(|f| f == flow);
+    /// The story of customer `id`, in flow `flow` only when named; `None` when the database
+    /// has never heard of the customer. Every read is of this one customer's rows.
+    pub(crate) async fn read(
+        db: &Database,
+        id: &String,
+        flow: Option<&str>,
+    ) -> canvas_engine::store::Result<Option<Story>> {
+        let of_flow = |f: &str| flow.is_none_or(|wanted| wanted == f);
         let loaded = db
             .load(std::slice::from_ref(id), chrono::DateTime::UNIX_EPOCH)
             .await?;

@@ -13,6 +13,7 @@ mod output;
 mod play;
 mod serve;
 mod status;
+mod ui;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;

@@ -33,6 +33,7 @@ store_tests!(
     next_wake_after,
     customer_ids_paging,
     counts_and_node_counts,
+    waiting_at_lists_longest_waiting_first,
     batch_of_5000_is_all_or_nothing,
     raw_ceiling_runs_and_cleans_up,
 );
@@ -516,6 +517,50 @@ async fn customer_ids_paging(db: Arc<Database>) {
         db.customer_ids(None, 2).await.expect("page"),
         vec!["cust-000", "cust-001"]
     );
+}
+
+async fn waiting_at_lists_longest_waiting_first(db: Arc<Database>) {
+    assert_eq!(
+        db.waiting_at("birthday", "gift", 10)
+            .await
+            .expect("waiting"),
+        vec![]
+    );
+    // Three at `gift` (entered at 3, 1, 2 minutes), one elsewhere, one in another flow, one
+    // ended: only the three are listed, earliest entered first, at most `limit`.
+    let at = |customer: &str, flow: &str, step: &str, entered: i64| {
+        let mut r = run(customer, flow, 1, Some(t(60)));
+        r.step = Some(step.into());
+        r.entered_at = t(entered);
+        r
+    };
+    let batch = Batch {
+        customers: ["a", "b", "c", "d", "e"].map(customer).to_vec(),
+        runs: vec![
+            at("a", "birthday", "gift", 3),
+            at("b", "birthday", "gift", 1),
+            at("c", "birthday", "gift", 2),
+            at("d", "birthday", "wait-order", 0),
+            at("a", "care", "gift", 0),
+            ended(at("e", "birthday", "gift", 0), None, None),
+        ],
+        ..Batch::default()
+    };
+    commit(&db, &batch).await;
+    let ids = |runs: Vec<Run>| runs.into_iter().map(|r| r.customer_id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(db
+            .waiting_at("birthday", "gift", 10)
+            .await
+            .expect("waiting")),
+        ["b", "c", "a"]
+    );
+    assert_eq!(
+        ids(db.waiting_at("birthday", "gift", 2).await.expect("waiting")),
+        ["b", "c"]
+    );
+    let full = db.waiting_at("care", "gift", 10).await.expect("waiting");
+    assert_eq!(full, vec![at("a", "care", "gift", 0)], "whole rows");
 }
 
 async fn counts_and_node_counts(db: Arc<Database>) {

@@ -4,6 +4,7 @@
 //! channels of `canvas.yaml`. SIGTERM or SIGINT stops taking work, lets what is in flight
 //! finish, and exits 0.
 
+pub mod actions;
 mod api;
 pub mod config;
 mod dispatch;
@@ -245,6 +246,7 @@ async fn serve(settings: Settings, registry: Registry) -> anyhow::Result<ExitCod
     // Operators and tests read this line to learn the address (`--listen 127.0.0.1:0`).
     tracing::info!(%local, "canvas serve listening");
     eprintln!("canvas serve: listening on http://{local}");
+    eprintln!("canvas serve: web UI on http://{local}/ui/flows");
     let mut http_stop = stop_rx.clone();
     let http = tokio::spawn(async move {
         axum::serve(listener, router)

@@ -184,6 +184,16 @@ pub trait Store: Clone + Send + Sync + 'static {
         flow: Option<&str>,
     ) -> impl Future<Output = Result<Vec<NodeCount>>> + Send;
 
+    /// Up to `limit` runs waiting at `step` of `flow`, longest waiting first (entered
+    /// earliest, then by id): the customers a node of the canvas holds now. One index range
+    /// (`runs_waiting_at`), however many runs the database keeps.
+    fn waiting_at(
+        &self,
+        flow: &str,
+        step: &str,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Run>>> + Send;
+
     fn counts(&self) -> impl Future<Output = Result<Counts>> + Send;
 
     /// Per flow and arm: how many runs entered, and how many converted.
@@ -565,6 +575,10 @@ impl Store for Database {
 
     async fn node_counts(&self, flow: Option<&str>) -> Result<Vec<NodeCount>> {
         delegate!(self, s => s.node_counts(flow))
+    }
+
+    async fn waiting_at(&self, flow: &str, step: &str, limit: usize) -> Result<Vec<Run>> {
+        delegate!(self, s => s.waiting_at(flow, step, limit))
     }
 
     async fn counts(&self) -> Result<Counts> {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::IntoResponse;
 use canvas_engine::state::{DeadLetterFilter, DeliveryState};
 use canvas_engine::store::{Store, redact};
@@ -16,8 +16,8 @@ use serde_json::{Value as Json, json};
 
 use super::request::{ApiError, ApiResult, authorize, list_limit};
 use super::{MAX_ID, MAX_NAME, check_id};
-use crate::deadletters::{Refusal, send_again};
 use crate::serve::App;
+use crate::serve::actions;
 use crate::serve::config::Scope;
 
 /// Longest `reason` filter accepted.
@@ -74,20 +74,7 @@ pub(super) async fn retry(
         ));
     };
     check_id("key", None, key, MAX_ID * 2)?;
-    let now = app.clock.now();
-    match send_again(&app.db, key, now).await? {
-        Ok(()) => {}
-        Err(why @ Refusal::Unknown(_)) => return Err(ApiError::not_found(why.to_string())),
-        Err(why) => {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "conflict",
-                why.to_string(),
-            ));
-        }
-    }
-    tracing::info!(key, "dead letter sent again by an operator");
-    app.outbox_wake.notify_one();
+    let now = actions::retry_dead_letter(&app, key).await?;
     Ok(
         axum::Json(json!({ "key": key, "status": "pending", "next_attempt_at": now }))
             .into_response(),

@@ -25,8 +25,10 @@ use serde::Deserialize;
 use serde_json::{Map, Value as Json, json};
 
 use super::App;
+use super::actions;
 use super::config::Scope;
 use super::metrics::{FailureLabels, Metrics, StatusLabel, WaitingLabels};
+use crate::explain::Story;
 use request::{ApiError, ApiResult, authorize, parse};
 use segment::{segment_batch, segment_identify, segment_track};
 
@@ -58,6 +60,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/batch", post(segment_batch))
         .route("/v1/track", post(segment_track))
         .route("/v1/identify", post(segment_identify))
+        // The web UI (docs/ui.md), on the same port and behind the same limits.
+        .merge(crate::ui::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Inside out: the handler's work is bounded once the body is read whole.
@@ -67,8 +71,11 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-async fn not_found() -> ApiError {
-    ApiError::not_found("no such endpoint; see docs/api.md")
+async fn not_found(uri: axum::http::Uri) -> Response {
+    if uri.path().starts_with("/ui/") {
+        return crate::ui::not_found(uri.path());
+    }
+    ApiError::not_found("no such endpoint; see docs/api.md").into_response()
 }
 
 async fn method_not_allowed() -> ApiError {
@@ -360,10 +367,16 @@ async fn journeys(
 ) -> ApiResult {
     authorize(&app, &headers, Scope::Read)?;
     check_id("id", None, &id, MAX_ID)?;
-    let runs = app.db.runs(&id).await?;
-    let history = app.db.history(Some(&id)).await?;
-    let deliveries = app.db.deliveries(&id).await?;
-    let failures = app.db.failures(&id).await?;
+    let Some(story) = crate::explain::Story::read(&app.db, &id, None).await? else {
+        return Err(ApiError::not_found(format!("no customer `{id}`")));
+    };
+    let Story {
+        runs,
+        history,
+        deliveries,
+        failures,
+        ..
+    } = story;
     let journeys: Vec<Json> = runs
         .iter()
         .map(|run| {
@@ -417,16 +430,6 @@ async fn journeys(
             })
         })
         .collect();
-    if journeys.is_empty()
-        && failures.is_empty()
-        && app
-            .db
-            .load(std::slice::from_ref(&id), app.clock.now())
-            .await?
-            .is_empty()
-    {
-        return Err(ApiError::not_found(format!("no customer `{id}`")));
-    }
     Ok(
         axum::Json(json!({ "customer_id": id, "journeys": journeys, "failures": failures }))
             .into_response(),
@@ -540,14 +543,6 @@ async fn resume(
 
 async fn set_paused(app: Arc<App>, id: String, headers: HeaderMap, paused: bool) -> ApiResult {
     authorize(&app, &headers, Scope::Write)?;
-    if app.engine().flows.get(&id).is_none() {
-        return Err(ApiError::not_found(format!("no flow `{id}`")));
-    }
-    app.db.set_paused(&id, paused, app.clock.now()).await?;
-    app.refresh_paused().await.map_err(|e| {
-        tracing::error!("refreshing paused flows: {e:#}");
-        ApiError::unavailable()
-    })?;
-    app.wake.notify_one();
+    actions::set_paused(&app, &id, paused).await?;
     Ok(axum::Json(json!({ "id": id, "paused": paused })).into_response())
 }

@@ -138,6 +138,19 @@ impl From<canvas_engine::store::StoreError> for ApiError {
     }
 }
 
+/// An operator's action refused or failed, in the API's words.
+impl From<crate::serve::actions::ActionError> for ApiError {
+    fn from(e: crate::serve::actions::ActionError) -> ApiError {
+        use crate::serve::actions::ActionError;
+        match e {
+            ActionError::NotFound(m) => ApiError::not_found(m),
+            ActionError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            ActionError::Store(e) => e.into(),
+            ActionError::Unavailable => ApiError::unavailable(),
+        }
+    }
+}
+
 pub type ApiResult = Result<Response, ApiError>;
 
 /// The body as JSON of type `T`, or a 4xx that says why not: 415 for a `Content-Type` that

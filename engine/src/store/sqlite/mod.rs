@@ -875,6 +875,10 @@ impl Store for SqliteStore {
         reads::node_counts(self, flow).await
     }
 
+    async fn waiting_at(&self, flow: &str, step: &str, limit: usize) -> Result<Vec<Run>> {
+        reads::waiting_at(self, flow, step, limit).await
+    }
+
     async fn goal_report(&self, flow: Option<&str>) -> Result<Vec<super::ArmCount>> {
         reads::goal_report(self, flow).await
     }

@@ -89,6 +89,26 @@ pub(super) async fn runs(s: &SqliteStore, customer_id: &str) -> Result<Vec<Run>>
     rows.into_iter().map(RunRow::into_run).collect()
 }
 
+pub(super) async fn waiting_at(
+    s: &SqliteStore,
+    flow: &str,
+    step: &str,
+    limit: usize,
+) -> Result<Vec<Run>> {
+    // `runs_waiting_at` (migration 0007) holds exactly these rows in this order.
+    let rows: Vec<RunRow> = sqlx::query_as(&format!(
+        "SELECT {RUN_COLUMNS} FROM runs
+         WHERE status = 'waiting' AND flow = ?1 AND step = ?2
+         ORDER BY entered_at, id LIMIT ?3"
+    ))
+    .bind(flow)
+    .bind(step)
+    .bind(limit_i64(limit))
+    .fetch_all(&s.read)
+    .await?;
+    rows.into_iter().map(RunRow::into_run).collect()
+}
+
 pub(super) async fn conversions(s: &SqliteStore, flow: Option<&str>) -> Result<Vec<Conversion>> {
     const COLUMNS: &str = "run_id, flow, version, customer_id, arm, last_touch, event_id, at";
     let rows: Vec<ConversionRow> = match flow {
