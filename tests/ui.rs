@@ -252,6 +252,26 @@ async fn ui_pages(daemon: &Daemon) {
             assert!(canvas.body.contains(&format!("waiting {n}")), "{id}");
         }
     }
+    // The numbers on the nodes are the API's counters.
+    let (_, stats) = call(
+        reqwest::Method::GET,
+        &format!("{base}/v1/flows/{FLOW}/stats"),
+        Some(READ),
+        None,
+    )
+    .await;
+    for step in stats["steps"].as_array().unwrap() {
+        let entered = step["counts"]["entered"].as_u64().unwrap_or(0);
+        let id = step["step"].as_str().unwrap();
+        let node = canvas
+            .body
+            .split(&format!("data-step=\"{id}\""))
+            .nth(1)
+            .and_then(|rest| rest.split("</a>").next())
+            .unwrap_or_default();
+        assert!(node.contains(&format!("in {entered}")), "{id}: {node}");
+    }
+    assert_eq!(stats["totals"]["entered"], 1, "{stats}");
     assert!(canvas.body.contains("template welcome/hello"));
     assert!(
         canvas.body.contains("event member_registered"),

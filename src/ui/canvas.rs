@@ -13,38 +13,29 @@ use axum::response::{IntoResponse, Redirect};
 use canvas_engine::flow::{CompiledFlow, Edge, Entry, ExitRule, SplitArm, StepKind, Trigger, Wait};
 use canvas_engine::model::Priority;
 use canvas_engine::store::Store as _;
-use chrono::NaiveDate;
 use serde::{Deserialize, Serialize};
 
 use super::auth::{self, CsrfForm, check_post, require};
 use super::layout::{Size, layout};
 use super::{UiError, UiResult, check_id, link, render, seg, shown};
+use crate::outcomes::{self, Outcomes, Range};
 use crate::serve::App;
 use crate::serve::actions;
 use crate::serve::config::Scope;
 
-/// The longest date range a page may ask for.
-const MAX_DAYS: i64 = 366;
 /// Customers listed at a node.
 const WAITING_LIMIT: usize = 200;
 
-/// The numbers drawn on a canvas: per step (`waiting`, `failed`, and the counters of
-/// `Store::flow_stats` once they exist: `entered`, `sent:sms`, `skipped:cap`…), per edge
-/// (customers who took it), and per flow (`entered`, `completed`, `converted`…).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The numbers drawn on a canvas: per step (the [outcome counters] of the range, `waiting`
+/// now, and `failed` run-time failures), per edge (runs that took it) and per flow.
+///
+/// [outcome counters]: canvas_engine::stats
+#[derive(Debug, Clone, Default, PartialEq)]
 pub(crate) struct CanvasNumbers {
     pub steps: BTreeMap<String, BTreeMap<String, u64>>,
-    pub edges: BTreeMap<(String, String), u64>,
+    /// Runs that took each edge, and their share of the runs that arrived at its source.
+    pub edges: BTreeMap<(String, String), (u64, Option<f64>)>,
     pub totals: BTreeMap<String, u64>,
-}
-
-/// What the canvas's numbers are asked for: a date range (days, inclusive, UTC) and a
-/// version (`None`: every version).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Window {
-    pub from: Option<NaiveDate>,
-    pub to: Option<NaiveDate>,
-    pub version: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -55,88 +46,92 @@ pub(crate) struct WindowQuery {
     version: Option<String>,
 }
 
-/// The query, checked: dates are `YYYY-MM-DD`, `from` ≤ `to`, at most [`MAX_DAYS`] apart,
-/// and the version one the flow has (or had).
-fn window(q: WindowQuery, versions: &[String]) -> Result<Window, UiError> {
-    let date = |what: &str, v: Option<String>| -> Result<Option<NaiveDate>, UiError> {
-        match v.as_deref().map(str::trim) {
-            None | Some("") => Ok(None),
-            Some(text) => NaiveDate::parse_from_str(text, "%Y-%m-%d")
-                .map(Some)
-                .map_err(|_| {
-                    UiError::bad(format!(
-                        "`{what}` is `{text}`; give a date as YYYY-MM-DD, such as 2026-03-14"
-                    ))
-                }),
-        }
-    };
-    let from = date("from", q.from)?;
-    let to = date("to", q.to)?;
-    if let (Some(f), Some(t)) = (from, to) {
-        if f > t {
-            return Err(UiError::bad(format!("`from` ({f}) is after `to` ({t})")));
-        }
-        if (t - f).num_days() >= MAX_DAYS {
-            return Err(UiError::bad(format!(
-                "the range {f} to {t} is longer than {MAX_DAYS} days"
-            )));
-        }
+/// A version as asked for: the full hash, or a prefix of at least 8 characters of one the
+/// flow has (or had).
+fn version_of(asked: Option<&str>, versions: &[String]) -> Result<Option<String>, UiError> {
+    match asked.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(v) => versions
+            .iter()
+            .find(|known| known.as_str() == v || (v.len() >= 8 && known.starts_with(v)))
+            .map(|known| Some(known.clone()))
+            .ok_or_else(|| {
+                UiError::bad(format!(
+                    "`version` is `{v}`, which this flow has no record of"
+                ))
+            }),
     }
-    let version = match q.version.as_deref().map(str::trim) {
-        None | Some("") => None,
-        Some(v) => {
-            let found = versions
-                .iter()
-                .find(|known| known.as_str() == v || (v.len() >= 8 && known.starts_with(v)));
-            match found {
-                Some(known) => Some(known.clone()),
-                None => {
-                    return Err(UiError::bad(format!(
-                        "`version` is `{v}`, which this flow has no record of"
-                    )));
-                }
-            }
-        }
-    };
-    Ok(Window { from, to, version })
 }
 
-/// Fill the canvas's numbers from the store. Today: runs waiting at each step now, failures
-/// per step, and the flow's totals — all time and all versions, whatever the window says.
-/// The per-day, per-version counters (`Store::flow_stats`) are to be read here.
-async fn fill_numbers(
-    app: &App,
-    flow: &CompiledFlow,
-    _window: &Window,
-) -> canvas_engine::store::Result<CanvasNumbers> {
-    let mut numbers = CanvasNumbers::default();
-    for w in app.db.node_counts(Some(&flow.id)).await? {
+/// The canvas's numbers from the outcome counters and the run-time failures.
+fn fill_numbers(
+    o: &Outcomes,
+    failures: &[canvas_engine::state::FailureCount],
+) -> CanvasNumbers {
+    let mut numbers = CanvasNumbers {
+        totals: o.totals.clone(),
+        ..CanvasNumbers::default()
+    };
+    for s in &o.steps {
+        numbers.steps.insert(s.step.clone(), s.counts.clone());
+    }
+    for e in &o.edges {
+        numbers
+            .edges
+            .insert((e.from.clone(), e.to.clone()), (e.n, e.share));
+    }
+    for f in failures {
         numbers
             .steps
-            .entry(w.step)
+            .entry(f.step.clone())
             .or_default()
-            .insert("waiting".to_owned(), w.waiting);
+            .insert("failed runs".to_owned(), f.count);
     }
-    for f in app.db.failure_counts(Some(&flow.id)).await? {
-        numbers
-            .steps
-            .entry(f.step)
-            .or_default()
-            .insert("failed".to_owned(), f.count);
+    numbers
+}
+
+/// A step's counters as a few short lines for its box: arrivals and waiting, sends per
+/// channel, what held sends back, failures, conversions.
+fn stat_lines(m: &BTreeMap<String, u64>) -> Vec<String> {
+    let get = |k: &str| m.get(k).copied().unwrap_or(0);
+    let by = |prefix: &str| -> Vec<String> {
+        m.iter()
+            .filter_map(|(k, n)| {
+                let q = k.strip_prefix(prefix)?.strip_prefix(':')?;
+                (*n > 0).then(|| format!("{q} {n}"))
+            })
+            .collect()
+    };
+    let mut lines = Vec::new();
+    let mut first = vec![format!("in {}", get("entered"))];
+    if get("waiting") > 0 {
+        first.push(format!("waiting {}", get("waiting")));
     }
-    if let Some(c) = app.db.flow_counts(Some(&flow.id)).await?.first() {
-        for (k, v) in [
-            ("entered", c.entered),
-            ("waiting", c.waiting),
-            ("completed", c.completed),
-            ("exited", c.exited),
-            ("errored", c.errored),
-            ("converted", c.converted),
-        ] {
-            numbers.totals.insert(k.to_owned(), v);
+    if get("converted") > 0 {
+        first.push(format!("converted {}", get("converted")));
+    }
+    lines.push(first.join(" · "));
+    for (what, label) in [("sent", "sent"), ("skipped", "skipped"), ("delayed", "delayed")] {
+        if get(what) > 0 {
+            lines.push(clip(&format!("{label} {} ({})", get(what), by(what).join(", "))));
         }
     }
-    Ok(numbers)
+    let mut bad = Vec::new();
+    for (what, label) in [
+        ("failed", "failed"),
+        ("fell_back", "fell back"),
+        ("error", "errors"),
+        ("timeout", "timed out"),
+        ("exited", "exited"),
+    ] {
+        if get(what) > 0 {
+            bad.push(format!("{label} {}", get(what)));
+        }
+    }
+    if !bad.is_empty() {
+        lines.push(clip(&bad.join(" · ")));
+    }
+    lines
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -151,7 +146,9 @@ struct NodeView {
     /// Lines under the title: what the step does (template, channels, wait…).
     lines: Vec<String>,
     transactional: bool,
-    numbers: Vec<(String, u64)>,
+    /// The counters in a few lines, and all of them for the tooltip.
+    numbers: Vec<String>,
+    tooltip: String,
     x: f64,
     y: f64,
     w: f64,
@@ -257,11 +254,14 @@ fn drawing(
             if step.name.is_some() {
                 lines.insert(0, clip(&format!("id {}", step.id)));
             }
-            let numbers: Vec<(String, u64)> = numbers
-                .steps
-                .get(&step.id)
-                .map(|m| m.iter().map(|(k, v)| (k.clone(), *v)).collect())
-                .unwrap_or_default();
+            let counts = numbers.steps.get(&step.id).cloned().unwrap_or_default();
+            let tooltip = counts
+                .iter()
+                .filter(|(k, _)| !k.starts_with("to:"))
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let numbers = stat_lines(&counts);
             NodeView {
                 id: step.id.clone(),
                 href: link(format!(
@@ -274,6 +274,7 @@ fn drawing(
                 lines,
                 transactional,
                 numbers,
+                tooltip,
                 x: 0.0,
                 y: 0.0,
                 w: NODE_W,
@@ -283,8 +284,8 @@ fn drawing(
         })
         .collect();
     for v in &mut nodes {
-        // Kind + title, the lines, one line of numbers.
-        let count = 2 + v.lines.len() + 1;
+        // Kind + title, the lines, the numbers.
+        let count = 2 + v.lines.len() + v.numbers.len();
         v.h = 12.0 + LINE_H * count as f64;
     }
     let sizes: Vec<Size> = nodes.iter().map(|v| Size { w: v.w, h: v.h }).collect();
@@ -304,14 +305,9 @@ fn drawing(
     for (v, r) in nodes.iter_mut().zip(&placed.nodes) {
         v.x = r.x;
         v.y = r.y;
-        v.rows = (0..2 + v.lines.len() + 1)
+        v.rows = (0..2 + v.lines.len() + v.numbers.len())
             .map(|i| r.y + 18.0 + LINE_H * i as f64)
             .collect();
-    }
-    // How many left each step along each edge, when counted.
-    let mut out_of: BTreeMap<&str, u64> = BTreeMap::new();
-    for ((from, _), n) in &numbers.edges {
-        *out_of.entry(from.as_str()).or_default() += n;
     }
     let edges = links
         .iter()
@@ -322,14 +318,9 @@ fn drawing(
             let share = numbers
                 .edges
                 .get(&(from.clone(), to.clone()))
-                .zip(out_of.get(from.as_str()))
-                .map(|(n, all)| {
-                    let pct = if *all == 0 {
-                        0.0
-                    } else {
-                        100.0 * *n as f64 / *all as f64
-                    };
-                    format!("{n} ({pct:.0}%)")
+                .map(|(n, share)| match share {
+                    Some(p) => format!("{n} ({:.0}%)", 100.0 * p),
+                    None => n.to_string(),
                 });
             let (lx, ly) = match points.as_slice() {
                 [a, b, ..] => ((a.0 + b.0) / 2.0 + 4.0, (a.1 + b.1) / 2.0),
@@ -408,32 +399,42 @@ fn rules(flow: &CompiledFlow) -> Vec<(&'static str, String)> {
     r
 }
 
-/// Conversion per arm, and the treated arm's lift over control with a 95% confidence
-/// interval (normal approximation of the difference of two proportions).
+/// A split arm as the canvas lists it.
 #[derive(Debug, Serialize)]
 struct ArmView {
     arm: String,
-    runs: u64,
+    share: String,
+    entered: u64,
     converted: u64,
     rate: String,
+    /// Against the split's control arm: the difference in points with its 95% interval.
+    lift: Option<String>,
 }
 
-fn lift(arms: &[canvas_engine::store::ArmCount]) -> Option<String> {
-    use canvas_engine::state::Arm;
-    let find = |arm: Arm| arms.iter().find(|a| a.arm == arm);
-    let (t, c) = (find(Arm::Treated)?, find(Arm::Control)?);
-    if t.runs == 0 || c.runs == 0 {
-        return None;
-    }
-    let (pt, pc) = (t.rate(), c.rate());
-    let se = (pt * (1.0 - pt) / t.runs as f64 + pc * (1.0 - pc) / c.runs as f64).sqrt();
-    let d = pt - pc;
-    Some(format!(
-        "lift {:+.1} points (95% CI {:+.1} to {:+.1})",
-        100.0 * d,
-        100.0 * (d - 1.96 * se),
-        100.0 * (d + 1.96 * se)
-    ))
+fn arm_views(split: &canvas_engine::stats::SplitStats) -> Vec<ArmView> {
+    split
+        .arms
+        .iter()
+        .map(|a| ArmView {
+            arm: a.arm.clone(),
+            share: format!("{}%", a.share),
+            entered: a.entered,
+            converted: a.converted,
+            rate: if a.entered == 0 {
+                "–".to_owned()
+            } else {
+                format!("{:.1}%", 100.0 * a.converted as f64 / a.entered as f64)
+            },
+            lift: a.lift.map(|l| {
+                format!(
+                    "{:+.1} points (95% CI {:+.1} to {:+.1})",
+                    100.0 * l.difference,
+                    100.0 * l.low,
+                    100.0 * l.high
+                )
+            }),
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -457,28 +458,26 @@ pub(crate) async fn page(
     };
     let versions: Vec<_> = app.db.flow_versions(Some(&id)).await?;
     let hashes: Vec<String> = versions.iter().map(|v| v.version.clone()).collect();
-    let window = window(q, &hashes)?;
+    let version = version_of(q.version.as_deref(), &hashes)?;
+    let tz = engine.policy.timezone;
+    let today = outcomes::today(app.clock.now(), tz);
+    let range = Range::parse(q.from.as_deref(), q.to.as_deref(), today).map_err(UiError::bad)?;
     // The selected version's graph when this daemon still knows it; else the current one.
-    let flow = window
-        .version
+    let flow = version
         .as_deref()
         .and_then(|v| engine.flows.version(v).cloned())
         .unwrap_or_else(|| current.clone());
-    let numbers = fill_numbers(&app, &flow, &window).await?;
+    let o = outcomes::read(&app.db, &id, Some(&flow), range, version.as_deref(), tz).await?;
+    let failures = app.db.failure_counts(Some(&id)).await?;
+    let numbers = fill_numbers(&o, &failures);
     let (nodes, edges, width, height) = drawing(&flow, &numbers);
-    let arms = app.db.goal_report(Some(&id)).await?;
-    let arm_views: Vec<ArmView> = arms
+    let splits: Vec<_> = o
+        .splits
         .iter()
-        .map(|a| ArmView {
-            arm: match a.arm {
-                canvas_engine::state::Arm::Treated => "treated".to_owned(),
-                canvas_engine::state::Arm::Control => "control (holdout)".to_owned(),
-            },
-            runs: a.runs,
-            converted: a.converted,
-            rate: format!("{:.1}%", 100.0 * a.rate()),
-        })
+        .map(|s| minijinja::context! { step => s.step, arms => arm_views(s) })
         .collect();
+    let entered = o.totals.get("entered").copied().unwrap_or(0);
+    let control = o.totals.get("ended:control").copied().unwrap_or(0);
     let zone = flow.timezone;
     let version_views: Vec<_> = versions
         .iter()
@@ -488,7 +487,8 @@ pub(crate) async fn page(
                 short => v.version.get(..12).unwrap_or(&v.version),
                 created => shown(v.created_at, zone),
                 current => v.version == current.hash.0,
-                selected => window.version.as_deref() == Some(v.version.as_str()),
+                selected => version.as_deref() == Some(v.version.as_str()),
+                waiting => o.versions.iter().find(|x| x.version == v.version).map_or(0, |x| x.waiting),
             }
         })
         .collect();
@@ -504,15 +504,22 @@ pub(crate) async fn page(
                 version => current.hash.short(),
                 paused => engine.paused.contains(&id),
                 shown_version => flow.hash.short(),
+                selected => version.is_some(),
                 href => link(format!("/ui/flows/{}", seg(&current.id))),
             },
             rules => rules(&flow),
-            totals => numbers.totals.iter().collect::<Vec<_>>(),
-            arms => arm_views,
-            lift => lift(&arms),
+            totals => numbers.totals.iter().filter(|(k, _)| !k.starts_with("to:")).collect::<Vec<_>>(),
+            holdout => minijinja::context! {
+                treated => entered.saturating_sub(control),
+                control => control,
+                converted_treated => o.totals.get("converted:treated").copied().unwrap_or(0),
+                converted_control => o.totals.get("converted:control").copied().unwrap_or(0),
+            },
+            splits => splits,
             versions => version_views,
-            from => window.from.map(|d| d.to_string()),
-            to => window.to.map(|d| d.to_string()),
+            from => range.from.to_string(),
+            to => range.to.to_string(),
+            zone => tz.name(),
             nodes => nodes,
             edges => edges,
             width => width,
@@ -611,54 +618,41 @@ pub(crate) async fn waiting(
 mod tests {
     use super::*;
 
-    fn q(from: &str, to: &str, version: &str) -> WindowQuery {
-        let opt = |s: &str| (!s.is_empty()).then(|| s.to_owned());
-        WindowQuery {
-            from: opt(from),
-            to: opt(to),
-            version: opt(version),
-        }
-    }
-
     #[test]
-    fn windows_are_checked() {
+    fn versions_are_checked() {
         let versions = vec!["abcdef0123456789".to_owned()];
-        let w = window(q("2026-03-01", "2026-03-14", "abcdef01"), &versions).expect("valid");
-        assert_eq!(w.from, NaiveDate::from_ymd_opt(2026, 3, 1));
-        assert_eq!(w.version.as_deref(), Some("abcdef0123456789"));
         assert_eq!(
-            window(q("", "", ""), &versions)
-                .expect("empty is all")
-                .version,
-            None
+            version_of(Some("abcdef01"), &versions).expect("a prefix of 8"),
+            Some("abcdef0123456789".to_owned())
         );
-        for (from, to, version) in [
-            ("2026-13-01", "", ""),
-            ("yesterday", "", ""),
-            ("2026-03-14", "2026-03-01", ""),
-            ("2024-01-01", "2026-01-01", ""),
-            ("", "", "nope"),
-            ("", "", "abc"),
-        ] {
-            assert!(
-                window(q(from, to, version), &versions).is_err(),
-                "{from} {to} {version}"
-            );
-        }
+        assert_eq!(version_of(Some(""), &versions).expect("empty is all"), None);
+        assert!(version_of(Some("abc"), &versions).is_err(), "too short a prefix");
+        assert!(version_of(Some("nope"), &versions).is_err());
     }
 
     #[test]
-    fn lift_needs_both_arms() {
-        use canvas_engine::state::Arm;
-        use canvas_engine::store::ArmCount;
-        let arm = |arm, runs, converted| ArmCount {
-            flow: "f".into(),
-            arm,
-            runs,
-            converted,
-        };
-        assert_eq!(lift(&[arm(Arm::Treated, 100, 10)]), None);
-        let text = lift(&[arm(Arm::Treated, 100, 20), arm(Arm::Control, 100, 10)]).expect("lift");
-        assert!(text.starts_with("lift +10.0 points"), "{text}");
+    fn boxes_show_the_counters_in_a_few_lines() {
+        let m: BTreeMap<String, u64> = [
+            ("entered", 120),
+            ("waiting", 4),
+            ("sent", 100),
+            ("sent:wechat", 80),
+            ("sent:sms", 20),
+            ("skipped", 20),
+            ("skipped:cap", 20),
+            ("to:next", 116),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        assert_eq!(
+            stat_lines(&m),
+            vec![
+                "in 120 · waiting 4".to_owned(),
+                "sent 100 (sms 20, wechat 80)".to_owned(),
+                "skipped 20 (cap 20)".to_owned(),
+            ]
+        );
+        assert_eq!(stat_lines(&BTreeMap::new()), vec!["in 0".to_owned()]);
     }
 }

@@ -16,6 +16,7 @@ use serde::Deserialize;
 use super::auth::{check_post, require};
 use super::{UiError, UiResult, check_id, link, render, seg, shown};
 use crate::explain::Story;
+use crate::outcomes::{self, Range};
 use crate::serve::App;
 use crate::serve::actions;
 use crate::serve::config::Scope;
@@ -38,7 +39,6 @@ macro_rules! session_or_login {
 pub(crate) async fn flows(State(app): State<Arc<App>>, headers: HeaderMap) -> UiResult {
     let session = session_or_login!(&app, &headers, "/ui/flows");
     let engine = app.engine();
-    let counts = app.db.flow_counts(None).await?;
     let failures = app.db.failure_counts(None).await?;
     let dead = app
         .db
@@ -56,38 +56,68 @@ pub(crate) async fn flows(State(app): State<Arc<App>>, headers: HeaderMap) -> Ui
     for f in &failures {
         *failed_by_flow.entry(f.flow.as_str()).or_default() += f.count;
     }
-    let mut loaded = BTreeSet::new();
-    let mut rows = Vec::new();
-    let mut flows: Vec<_> = engine.flows.current().collect();
-    flows.sort_by(|a, b| a.id.cmp(&b.id));
-    for f in flows {
-        loaded.insert(f.id.as_str());
-        let c = counts.iter().find(|c| c.flow == f.id);
-        rows.push(minijinja::context! {
-            id => f.id,
-            name => f.name,
-            href => link(format!("/ui/flows/{}", seg(&f.id))),
-            state => if engine.paused.contains(&f.id) { "paused" } else { "live" },
-            version => f.hash.short(),
-            counts => c,
-            failed => failed_by_flow.get(f.id.as_str()).copied().unwrap_or(0),
-            dead => dead_by_flow.get(f.id.as_str()).copied().unwrap_or(0),
-            dead_href => link(format!("/ui/deadletters?flow={}", seg(&f.id))),
-            conversion => conversion(c),
-        });
+    // Every flow the database has a version of: the loaded ones, then the removed ones.
+    let tz = engine.policy.timezone;
+    let today = outcomes::today(app.clock.now(), tz);
+    let week = Range::last(outcomes::DEFAULT_DAYS, today);
+    let mut ids: Vec<(String, Option<Arc<canvas_engine::flow::CompiledFlow>>)> = engine
+        .flows
+        .current()
+        .map(|f| (f.id.clone(), Some(f.clone())))
+        .collect();
+    ids.sort_by(|a, b| a.0.cmp(&b.0));
+    let known: BTreeSet<String> = app
+        .db
+        .flow_versions(None)
+        .await?
+        .into_iter()
+        .map(|v| v.flow)
+        .collect();
+    for id in known {
+        if !ids.iter().any(|(f, _)| *f == id) {
+            ids.push((id, None));
+        }
     }
-    for c in counts.iter().filter(|c| !loaded.contains(c.flow.as_str())) {
+    let mut rows = Vec::new();
+    for (id, flow) in &ids {
+        let o = outcomes::read(&app.db, id, flow.as_deref(), week, None, tz).await?;
+        let total = |k: &str| o.totals.get(k).copied().unwrap_or(0);
+        let entered_today = o
+            .days
+            .iter()
+            .find(|d| d.date == Some(today))
+            .and_then(|d| d.counts.get("entered").copied())
+            .unwrap_or(0);
+        let waiting: u64 = o
+            .steps
+            .iter()
+            .filter_map(|s| s.counts.get("waiting"))
+            .sum();
+        let (entered, converted) = (total("entered"), total("converted"));
         rows.push(minijinja::context! {
-            id => c.flow,
-            name => "",
-            href => None::<String>,
-            state => "removed",
-            version => "",
-            counts => c,
-            failed => failed_by_flow.get(c.flow.as_str()).copied().unwrap_or(0),
-            dead => dead_by_flow.get(c.flow.as_str()).copied().unwrap_or(0),
-            dead_href => link(format!("/ui/deadletters?flow={}", seg(&c.flow))),
-            conversion => conversion(Some(c)),
+            id => id,
+            name => flow.as_ref().map(|f| f.name.clone()),
+            href => flow.as_ref().map(|_| link(format!("/ui/flows/{}", seg(id)))),
+            state => match flow {
+                None => "removed",
+                Some(_) if engine.paused.contains(id) => "paused",
+                Some(_) => "live",
+            },
+            version => flow.as_ref().map(|f| f.hash.short().to_owned()),
+            waiting => waiting,
+            entered_today => entered_today,
+            entered => entered,
+            completed => total("ended:completed"),
+            converted => converted,
+            conversion => if entered > 0 {
+                format!("{:.1}%", 100.0 * converted as f64 / entered as f64)
+            } else {
+                "–".to_owned()
+            },
+            errored => total("ended:error"),
+            failed => failed_by_flow.get(id.as_str()).copied().unwrap_or(0),
+            dead => dead_by_flow.get(id.as_str()).copied().unwrap_or(0),
+            dead_href => link(format!("/ui/deadletters?flow={}", seg(id))),
         });
     }
     render(
@@ -98,18 +128,11 @@ pub(crate) async fn flows(State(app): State<Arc<App>>, headers: HeaderMap) -> Ui
             rows => rows,
             dead_capped => dead_capped,
             dead_limit => DEAD_COUNT_LIMIT,
+            from => week.from.to_string(),
+            to => week.to.to_string(),
+            zone => tz.name(),
         },
     )
-}
-
-/// Converted runs as a share of entered ones, for a table cell.
-fn conversion(c: Option<&canvas_engine::state::FlowCounts>) -> String {
-    match c {
-        Some(c) if c.entered > 0 => {
-            format!("{:.1}%", 100.0 * c.converted as f64 / c.entered as f64)
-        }
-        _ => "–".to_owned(),
-    }
 }
 
 #[derive(Debug, Deserialize)]

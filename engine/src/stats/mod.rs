@@ -310,7 +310,7 @@ pub struct SplitStats {
 pub struct ArmStats {
     /// The arm's next step id, or `control`.
     pub arm: String,
-    /// The share the flow gives it (0..1).
+    /// The share of customers the flow gives it, in percent.
     pub share: f64,
     pub entered: u64,
     pub converted: u64,
