@@ -47,6 +47,9 @@ pub enum Bench {
     /// Load `canvas serve` daemons (started from this binary) over HTTP: ingestion
     /// throughput, event-to-outbox latency, delivery rate, and scale-out over Postgres.
     Serve(crate::bench_serve::Args),
+    /// Time the web UI's pages (and the stats API) on a database filled with a million runs
+    /// and five million history rows; budget 200 ms a page.
+    Pages(crate::bench_serve::pages::Args),
 }
 
 pub fn run(bench: Bench, registry: &Registry) -> anyhow::Result<ExitCode> {
@@ -64,6 +67,7 @@ pub fn run(bench: Bench, registry: &Registry) -> anyhow::Result<ExitCode> {
             no_raw,
         } => crate::bench_engine::run(customers, database, batch.max(1), !no_raw, registry),
         Bench::Serve(args) => crate::bench_serve::run(args),
+        Bench::Pages(args) => crate::bench_serve::pages::run(args),
     }
 }
 

@@ -32,6 +32,7 @@ mod deliver;
 mod ingest;
 mod latency;
 mod load;
+pub mod pages;
 mod rate_limit;
 mod receiver;
 mod recovery;

@@ -311,6 +311,10 @@ pub(super) fn s_backend_label(backend: &str) -> &'static str {
 pub(super) struct TempDir(PathBuf);
 
 impl TempDir {
+    pub(super) fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+
     pub(super) fn new(tag: &str) -> anyhow::Result<TempDir> {
         let dir =
             std::env::temp_dir().join(format!("canvas-bench-serve-{}-{tag}", std::process::id()));
