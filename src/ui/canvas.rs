@@ -159,6 +159,9 @@ struct NodeView {
 
 #[derive(Debug, Serialize)]
 struct EdgeView {
+    /// The step ids it joins (`data-from`, `data-to` in the SVG).
+    from: String,
+    to: String,
     points: String,
     label: String,
     /// Share of the customers who left the source and took this edge, when counted.
@@ -327,6 +330,8 @@ fn drawing(
                 _ => (0.0, 0.0),
             };
             EdgeView {
+                from: from.clone(),
+                to: to.clone(),
                 points: points
                     .iter()
                     .map(|(x, y)| format!("{x:.1},{y:.1}"))
