@@ -11,9 +11,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
 #[path = "common/cdp.rs"]
 mod cdp;
+mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -40,7 +40,16 @@ const DELIVERED: usize = 2;
 const UNSUBSCRIBED: usize = 2;
 
 const NAMES: [&str; 10] = [
-    "王小明", "李娜", "张伟", "刘洋", "陈静", "Ada", "杨帆", "Grace", "赵雪", "黄磊",
+    "王小明",
+    "李娜",
+    "张伟",
+    "刘洋",
+    "陈静",
+    "Ada",
+    "杨帆",
+    "Grace",
+    "赵雪",
+    "黄磊",
 ];
 
 fn member(i: usize) -> String {
@@ -87,7 +96,11 @@ fn zone_at(local_hour: i64) -> String {
 /// Where the screenshots go: `target/ui-screenshots/BACKEND/` (the target dir of this build).
 fn screenshot_dir(backend: &str) -> PathBuf {
     let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let dir = tmp.parent().unwrap_or(tmp).join("ui-screenshots").join(backend);
+    let dir = tmp
+        .parent()
+        .unwrap_or(tmp)
+        .join("ui-screenshots")
+        .join(backend);
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
@@ -309,10 +322,7 @@ async fn in_a_browser(daemon: &Daemon, database: &str, backend: &str) {
 
     // No session: the flows page sends the browser to the login form.
     page.navigate(&format!("{base}/ui/flows")).await.unwrap();
-    assert_eq!(
-        page.text("location.pathname").await.unwrap(),
-        "/ui/login"
-    );
+    assert_eq!(page.text("location.pathname").await.unwrap(), "/ui/login");
     assert_eq!(
         page.text("location.search").await.unwrap(),
         "?next=%2Fui%2Fflows"
@@ -330,10 +340,7 @@ async fn in_a_browser(daemon: &Daemon, database: &str, backend: &str) {
     page.and_wait("document.querySelector('form.login button[type=submit]').click()")
         .await
         .unwrap();
-    assert_eq!(
-        page.text("location.pathname").await.unwrap(),
-        "/ui/flows"
-    );
+    assert_eq!(page.text("location.pathname").await.unwrap(), "/ui/flows");
     let cookie = page.text("document.cookie").await.unwrap();
     assert!(
         !cookie.contains("canvas_session"),
@@ -354,8 +361,16 @@ async fn in_a_browser(daemon: &Daemon, database: &str, backend: &str) {
     assert_eq!(session["sameSite"], "Strict", "{session}");
 
     // The flows page: every loaded flow, with the counters' numbers.
-    let flows = api(reqwest::Method::GET, &format!("{base}/v1/flows"), READ, None).await;
-    let flows = flows["flows"].as_array().unwrap_or_else(|| panic!("{flows}"));
+    let flows = api(
+        reqwest::Method::GET,
+        &format!("{base}/v1/flows"),
+        READ,
+        None,
+    )
+    .await;
+    let flows = flows["flows"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{flows}"));
     assert!(flows.len() >= 8, "the shipped flows: {flows:?}");
     for flow in flows {
         let id = flow["id"].as_str().unwrap();
@@ -495,7 +510,18 @@ async fn in_a_browser(daemon: &Daemon, database: &str, backend: &str) {
     let text = body_text(&mut page).await;
     assert!(text.contains("welcome/hello"), "the template");
     assert!(text.contains("order_paid within 3w"), "the goal");
+    // The graph scrolls inside 80% of the window's height: a window tall enough to show it
+    // whole, for the picture.
+    let graph = page
+        .eval("document.querySelector('.graph svg').getBoundingClientRect().height")
+        .await
+        .unwrap()
+        .as_f64()
+        .unwrap();
+    let tall = ((graph + 40.0) / 0.8).ceil().max(1000.0) as u32;
+    page.viewport(1400, tall).await.unwrap();
     screenshot(&mut page, &shots, "canvas.png").await;
+    page.viewport(1400, 1000).await.unwrap();
 
     // Pause with the button, then resume.
     let badge = "document.querySelector('.titlebar .badge').textContent.trim()";
