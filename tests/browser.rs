@@ -240,9 +240,8 @@ async fn node_numbers(page: &mut Cdp, step: &str) -> BTreeMap<String, u64> {
     let mut numbers = BTreeMap::new();
     for part in lines.lines().flat_map(|l| l.split(" · ")) {
         // `in 30`, `waiting 20`, `sent 20 (wechat 20)`: a label and the number after it.
-        let mut words = part.split_whitespace().peekable();
         let mut label = Vec::new();
-        while let Some(w) = words.next() {
+        for w in part.split_whitespace() {
             if let Ok(n) = w.parse::<u64>() {
                 numbers.insert(label.join(" "), n);
                 break;
@@ -269,9 +268,10 @@ async fn paused(base: &str, flow: &str) -> bool {
         .unwrap()
 }
 
+/// A PNG of the page (its top 3,000 pixels) in `dir`, checked.
 async fn screenshot(page: &mut Cdp, dir: &Path, name: &str) {
     let path = dir.join(name);
-    let bytes = page.screenshot(&path).await.unwrap();
+    let bytes = page.screenshot(&path, 3000.0).await.unwrap();
     let png = std::fs::read(&path).unwrap();
     assert_eq!(png.len(), bytes);
     assert!(
@@ -294,16 +294,6 @@ async fn body_text(page: &mut Cdp) -> String {
 
 async fn in_a_browser(daemon: &Daemon, database: &str, backend: &str) {
     let base = &daemon.base;
-    let shots = screenshot_dir(backend);
-    load(base).await;
-    let stats = api(
-        reqwest::Method::GET,
-        &format!("{base}/v1/flows/{WELCOME}/stats"),
-        READ,
-        None,
-    )
-    .await;
-
     let binary = find_chromium().unwrap_or_else(|| {
         panic!(
             "no chromium: set CANVAS_TEST_CHROMIUM or put `chromium` on PATH (Debian: apt-get \
@@ -316,6 +306,16 @@ async fn in_a_browser(daemon: &Daemon, database: &str, backend: &str) {
             }
         )
     });
+    let shots = screenshot_dir(backend);
+    load(base).await;
+    let stats = api(
+        reqwest::Method::GET,
+        &format!("{base}/v1/flows/{WELCOME}/stats"),
+        READ,
+        None,
+    )
+    .await;
+
     let browser = Chromium::start(&binary).unwrap();
     let mut page = browser.page().await.unwrap();
     page.setup(1400, 1000).await.unwrap();

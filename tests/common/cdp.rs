@@ -284,12 +284,16 @@ impl Cdp {
         self.event("Page.loadEventFired").await.map(drop)
     }
 
-    /// The whole page (beyond the viewport) as a PNG at `path`; its size in bytes.
-    pub async fn screenshot(&mut self, path: &Path) -> Result<usize> {
+    /// The whole page (beyond the viewport, down to `max_height` CSS pixels) as a PNG at
+    /// `path`; its size in bytes.
+    pub async fn screenshot(&mut self, path: &Path, max_height: f64) -> Result<usize> {
         let metrics = self.call("Page.getLayoutMetrics", json!({})).await?;
         let size = &metrics["cssContentSize"];
         let width = size["width"].as_f64().unwrap_or(1400.0).max(1.0);
-        let height = size["height"].as_f64().unwrap_or(1000.0).max(1.0);
+        let height = size["height"]
+            .as_f64()
+            .unwrap_or(1000.0)
+            .clamp(1.0, max_height);
         let shot = self
             .call(
                 "Page.captureScreenshot",
