@@ -64,10 +64,7 @@ fn version_of(asked: Option<&str>, versions: &[String]) -> Result<Option<String>
 }
 
 /// The canvas's numbers from the outcome counters and the run-time failures.
-fn fill_numbers(
-    o: &Outcomes,
-    failures: &[canvas_engine::state::FailureCount],
-) -> CanvasNumbers {
+fn fill_numbers(o: &Outcomes, failures: &[canvas_engine::state::FailureCount]) -> CanvasNumbers {
     let mut numbers = CanvasNumbers {
         totals: o.totals.clone(),
         ..CanvasNumbers::default()
@@ -111,9 +108,17 @@ fn stat_lines(m: &BTreeMap<String, u64>) -> Vec<String> {
         first.push(format!("converted {}", get("converted")));
     }
     lines.push(first.join(" · "));
-    for (what, label) in [("sent", "sent"), ("skipped", "skipped"), ("delayed", "delayed")] {
+    for (what, label) in [
+        ("sent", "sent"),
+        ("skipped", "skipped"),
+        ("delayed", "delayed"),
+    ] {
         if get(what) > 0 {
-            lines.push(clip(&format!("{label} {} ({})", get(what), by(what).join(", "))));
+            lines.push(clip(&format!(
+                "{label} {} ({})",
+                get(what),
+                by(what).join(", ")
+            )));
         }
     }
     let mut bad = Vec::new();
@@ -159,26 +164,56 @@ struct NodeView {
 
 #[derive(Debug, Serialize)]
 struct EdgeView {
+    /// The step ids it joins (`data-from`, `data-to` in the SVG).
+    from: String,
+    to: String,
     points: String,
     label: String,
     /// Share of the customers who left the source and took this edge, when counted.
     share: Option<String>,
     lx: f64,
     ly: f64,
+    /// `start`, or `end` for an edge that leaves its source to the left (so the labels of
+    /// a branch's arms run away from each other instead of across).
+    anchor: &'static str,
 }
 
 const NODE_W: f64 = 240.0;
 const LINE_H: f64 = 16.0;
-const MAX_CHARS: usize = 34;
+/// What fits on a line of a node, in widths of a Latin letter of the 12 px text (a CJK
+/// character is two); a title is bold and larger.
+const MAX_CHARS: usize = 31;
+const MAX_TITLE: usize = 27;
 
 fn clip(s: &str) -> String {
-    if s.chars().count() <= MAX_CHARS {
-        s.to_owned()
-    } else {
-        let mut t: String = s.chars().take(MAX_CHARS - 1).collect();
-        t.push('…');
-        t
+    clip_to(s, MAX_CHARS)
+}
+
+/// `s`, cut with `…` to at most `max` widths (a wide character counts two).
+fn clip_to(s: &str, max: usize) -> String {
+    let width = |c: char| if is_wide(c) { 2 } else { 1 };
+    if s.chars().map(width).sum::<usize>() <= max {
+        return s.to_owned();
     }
+    let mut t = String::new();
+    let mut used = 1; // the `…`
+    for c in s.chars() {
+        used += width(c);
+        if used > max {
+            break;
+        }
+        t.push(c);
+    }
+    t.push('…');
+    t
+}
+
+/// CJK ideographs, kana, hangul and full-width forms: about twice a Latin letter's width.
+fn is_wide(c: char) -> bool {
+    matches!(u32::from(c),
+        0x1100..=0x115F | 0x2E80..=0x303E | 0x3041..=0x33FF | 0x3400..=0x4DBF
+        | 0x4E00..=0x9FFF | 0xA000..=0xA4CF | 0xAC00..=0xD7A3 | 0xF900..=0xFAFF
+        | 0xFE30..=0xFE4F | 0xFF00..=0xFF60 | 0xFFE0..=0xFFE6 | 0x20000..=0x3FFFD)
 }
 
 /// A step's kind and what it does, in a few lines.
@@ -206,9 +241,14 @@ fn describe(kind: &StepKind) -> (&'static str, Vec<String>, bool) {
             };
             ("wait", vec![what], false)
         }
-        StepKind::Branch { arms, .. } => {
-            ("branch", vec![format!("{} conditions", arms.len())], false)
-        }
+        StepKind::Branch { arms, .. } => (
+            "branch",
+            vec![match arms.len() {
+                1 => "1 condition".to_owned(),
+                n => format!("{n} conditions"),
+            }],
+            false,
+        ),
         StepKind::Split { arms } => {
             let control = arms
                 .iter()
@@ -270,7 +310,7 @@ fn drawing(
                     seg(&step.id)
                 )),
                 kind,
-                title: clip(step.name.as_deref().unwrap_or(&step.id)),
+                title: clip_to(step.name.as_deref().unwrap_or(&step.id), MAX_TITLE),
                 lines,
                 transactional,
                 numbers,
@@ -315,18 +355,24 @@ fn drawing(
         .map(|((a, b, weight), points)| {
             let from = &flow.graph[*a].id;
             let to = &flow.graph[*b].id;
-            let share = numbers
-                .edges
-                .get(&(from.clone(), to.clone()))
-                .map(|(n, share)| match share {
-                    Some(p) => format!("{n} ({:.0}%)", 100.0 * p),
-                    None => n.to_string(),
-                });
-            let (lx, ly) = match points.as_slice() {
-                [a, b, ..] => ((a.0 + b.0) / 2.0 + 4.0, (a.1 + b.1) / 2.0),
-                _ => (0.0, 0.0),
+            let share =
+                numbers
+                    .edges
+                    .get(&(from.clone(), to.clone()))
+                    .map(|(n, share)| match share {
+                        Some(p) => format!("{n} ({:.0}%)", 100.0 * p),
+                        None => n.to_string(),
+                    });
+            let (lx, ly, anchor) = match points.as_slice() {
+                [a, b, ..] if b.0 < a.0 - 1.0 => {
+                    ((a.0 + b.0) / 2.0 - 4.0, (a.1 + b.1) / 2.0, "end")
+                }
+                [a, b, ..] => ((a.0 + b.0) / 2.0 + 4.0, (a.1 + b.1) / 2.0, "start"),
+                _ => (0.0, 0.0, "start"),
             };
             EdgeView {
+                from: from.clone(),
+                to: to.clone(),
                 points: points
                     .iter()
                     .map(|(x, y)| format!("{x:.1},{y:.1}"))
@@ -336,6 +382,7 @@ fn drawing(
                 share,
                 lx,
                 ly,
+                anchor,
             }
         })
         .collect();
@@ -626,8 +673,20 @@ mod tests {
             Some("abcdef0123456789".to_owned())
         );
         assert_eq!(version_of(Some(""), &versions).expect("empty is all"), None);
-        assert!(version_of(Some("abc"), &versions).is_err(), "too short a prefix");
+        assert!(
+            version_of(Some("abc"), &versions).is_err(),
+            "too short a prefix"
+        );
         assert!(version_of(Some("nope"), &versions).is_err());
+    }
+
+    #[test]
+    fn long_lines_are_cut_to_the_box_wide_characters_counting_two() {
+        assert_eq!(clip_to("short", 10), "short");
+        assert_eq!(clip_to("0123456789", 10), "0123456789");
+        assert_eq!(clip_to("0123456789a", 10), "012345678…");
+        assert_eq!(clip_to("新会员欢迎礼券两张", 10), "新会员欢…");
+        assert_eq!(clip_to("新会员欢迎", 10), "新会员欢迎");
     }
 
     #[test]
