@@ -32,8 +32,9 @@ impl Range {
     /// span more than [`MAX_DAYS`].
     pub fn parse(from: Option<&str>, to: Option<&str>, today: NaiveDate) -> Result<Range, String> {
         let date = |what: &str, s: &str| {
-            NaiveDate::parse_from_str(s.trim(), "%Y-%m-%d")
-                .map_err(|_| format!("`{what}` must be a date as YYYY-MM-DD (such as 2026-12-01), not `{s}`"))
+            NaiveDate::parse_from_str(s.trim(), "%Y-%m-%d").map_err(|_| {
+                format!("`{what}` must be a date as YYYY-MM-DD (such as 2026-12-01), not `{s}`")
+            })
         };
         let to = match to.filter(|s| !s.trim().is_empty()) {
             Some(s) => date("to", s)?,

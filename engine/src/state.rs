@@ -643,6 +643,16 @@ pub struct SandboxFilter {
     pub limit: usize,
 }
 
+impl SandboxFilter {
+    /// The sandbox channels to list: all of them, or the one asked for if it is one.
+    pub fn narrowed_channels(&self) -> Vec<String> {
+        match &self.channel {
+            Some(c) => self.channels.iter().filter(|x| *x == c).cloned().collect(),
+            None => self.channels.clone(),
+        }
+    }
+}
+
 /// The dispatcher's backlog (`Store::outbox_depth`), for metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboxDepth {

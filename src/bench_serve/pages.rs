@@ -112,7 +112,10 @@ async fn bench(args: Args) -> anyhow::Result<ExitCode> {
         ("customer story", "/ui/customers/c0000000".to_owned()),
         ("dead letters", "/ui/deadletters".to_owned()),
         ("sandbox inbox", "/ui/sandbox".to_owned()),
-        ("stats API (a year)", format!("/v1/flows/{}/stats?from={}", big.id, days_ago(364))),
+        (
+            "stats API (a year)",
+            format!("/v1/flows/{}/stats?from={}", big.id, days_ago(364)),
+        ),
     ];
     let mut out = std::io::stdout().lock();
     let m = machine();
@@ -135,7 +138,11 @@ async fn bench(args: Args) -> anyhow::Result<ExitCode> {
         args.rounds,
         BUDGET.as_millis()
     )?;
-    writeln!(out, "  {:<22} {:>9} {:>9} {:>9}  ", "page", "median", "p95", "max")?;
+    writeln!(
+        out,
+        "  {:<22} {:>9} {:>9} {:>9}  ",
+        "page", "median", "p95", "max"
+    )?;
     let mut over = 0;
     for (name, path) in &pages {
         let url = format!("{base}{path}");
@@ -182,7 +189,11 @@ async fn bench(args: Args) -> anyhow::Result<ExitCode> {
     Ok(if over == 0 {
         ExitCode::SUCCESS
     } else {
-        writeln!(out, "  {over} pages over the {} ms budget (p95)", BUDGET.as_millis())?;
+        writeln!(
+            out,
+            "  {over} pages over the {} ms budget (p95)",
+            BUDGET.as_millis()
+        )?;
         ExitCode::FAILURE
     })
 }
@@ -276,7 +287,11 @@ async fn fill(url: &str, flows: &[Flow], runs: usize, history: usize) -> anyhow:
         .await?;
         for (f, flow) in flows.iter().enumerate() {
             let steps: Vec<&str> = flow.steps.iter().map(String::as_str).collect();
-            let args = (i64::try_from(runs)?, i64::try_from(n_flows)?, i64::try_from(f)?);
+            let args = (
+                i64::try_from(runs)?,
+                i64::try_from(n_flows)?,
+                i64::try_from(f)?,
+            );
             sqlx::query(
                 "INSERT INTO runs (id, flow, version, customer_id, status, step, wake_at,
                      waiting_for, vars, event, arm, last_touch, goal_until, converted_at,
@@ -357,7 +372,8 @@ async fn fill(url: &str, flows: &[Flow], runs: usize, history: usize) -> anyhow:
                     .synchronous(sqlx::sqlite::SqliteSynchronous::Off),
             )
             .await?;
-        const NUMBERS: &str = "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < ?1 - 1)";
+        const NUMBERS: &str =
+            "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < ?1 - 1)";
         sqlx::query(&format!(
             "{NUMBERS} INSERT INTO customers (id, attributes, timezone, sends, cooldowns, updated_at)
              SELECT printf('c%07d', i),
@@ -371,7 +387,11 @@ async fn fill(url: &str, flows: &[Flow], runs: usize, history: usize) -> anyhow:
         for (f, flow) in flows.iter().enumerate() {
             let steps = serde_json::to_string(&flow.steps)?;
             let n_steps = i64::try_from(flow.steps.len())?;
-            let args = (i64::try_from(runs)?, i64::try_from(n_flows)?, i64::try_from(f)?);
+            let args = (
+                i64::try_from(runs)?,
+                i64::try_from(n_flows)?,
+                i64::try_from(f)?,
+            );
             sqlx::query(&format!(
                 "{NUMBERS} INSERT INTO runs (id, flow, version, customer_id, status, step, wake_at,
                      waiting_for, vars, event, arm, last_touch, goal_until, converted_at,
@@ -454,10 +474,16 @@ fn counters_sql(flows: &[Flow], runs: usize, today: i32) -> Vec<String> {
             for (metric, n) in [("entered", per_day), ("converted", per_day / 10)] {
                 rows.push(format!("('{f}', {day}, '{v}', '', '{metric}', 0, {n})"));
             }
-            rows.push(format!("('{f}', {day}, '{v}', '', 'ended:completed', 0, {per_day})"));
+            rows.push(format!(
+                "('{f}', {day}, '{v}', '', 'ended:completed', 0, {per_day})"
+            ));
             for (i, step) in flow.steps.iter().enumerate() {
-                rows.push(format!("('{f}', {day}, '{v}', '{step}', 'entered', 0, {per_day})"));
-                rows.push(format!("('{f}', {day}, '{v}', '{step}', 'sent:sms', 0, {per_day})"));
+                rows.push(format!(
+                    "('{f}', {day}, '{v}', '{step}', 'entered', 0, {per_day})"
+                ));
+                rows.push(format!(
+                    "('{f}', {day}, '{v}', '{step}', 'sent:sms', 0, {per_day})"
+                ));
                 if let Some(next) = flow.steps.get(i + 1) {
                     rows.push(format!(
                         "('{f}', {day}, '{v}', '{step}', 'to:{next}', 0, {per_day})"

@@ -88,11 +88,7 @@ pub(crate) async fn flows(State(app): State<Arc<App>>, headers: HeaderMap) -> Ui
             .find(|d| d.date == Some(today))
             .and_then(|d| d.counts.get("entered").copied())
             .unwrap_or(0);
-        let waiting: u64 = o
-            .steps
-            .iter()
-            .filter_map(|s| s.counts.get("waiting"))
-            .sum();
+        let waiting: u64 = o.steps.iter().filter_map(|s| s.counts.get("waiting")).sum();
         let (entered, converted) = (total("entered"), total("converted"));
         rows.push(minijinja::context! {
             id => id,

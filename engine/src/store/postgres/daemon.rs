@@ -270,21 +270,29 @@ pub(super) async fn sandbox_messages(
     s: &PgStore,
     filter: &SandboxFilter,
 ) -> Result<Vec<DeliveryState>> {
-    if filter.channels.is_empty() {
+    let channels = filter.narrowed_channels();
+    if channels.is_empty() {
         return Ok(Vec::new());
     }
-    let rows: Vec<DeliveryStateRow> = sqlx::query_as(&format!(
+    // One statement per shape (see the SQLite twin): `outbox_sent` newest first, or one
+    // customer's rows.
+    let customer = if filter.customer_id.is_some() {
+        "AND customer_id = $3"
+    } else {
+        ""
+    };
+    let q = format!(
         "SELECT {OUTBOX_SELECT}, {STATE_COLUMNS} FROM outbox
-         WHERE status = 'sent' AND channel = ANY($1::text[])
-           AND ($2::text IS NULL OR channel = $2) AND ($3::text IS NULL OR customer_id = $3)
-         ORDER BY sent_at DESC, ord DESC LIMIT $4"
-    ))
-    .bind(&filter.channels)
-    .bind(filter.channel.as_deref())
-    .bind(filter.customer_id.as_deref())
-    .bind(i64::try_from(filter.limit).unwrap_or(i64::MAX))
-    .fetch_all(&s.pool)
-    .await?;
+         WHERE status = 'sent' AND channel = ANY($1::text[]) {customer}
+         ORDER BY sent_at DESC, ord DESC LIMIT $2"
+    );
+    let mut q = sqlx::query_as(&q)
+        .bind(&channels)
+        .bind(i64::try_from(filter.limit).unwrap_or(i64::MAX));
+    if let Some(c) = filter.customer_id.as_deref() {
+        q = q.bind(c);
+    }
+    let rows: Vec<DeliveryStateRow> = q.fetch_all(&s.pool).await?;
     rows.into_iter().map(DeliveryStateRow::into_state).collect()
 }
 

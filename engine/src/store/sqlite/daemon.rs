@@ -259,22 +259,30 @@ pub(super) async fn sandbox_messages(
     s: &SqliteStore,
     filter: &SandboxFilter,
 ) -> Result<Vec<DeliveryState>> {
-    if filter.channels.is_empty() {
+    let channels = filter.narrowed_channels();
+    if channels.is_empty() {
         return Ok(Vec::new());
     }
-    // The channel names travel as one JSON array, whatever their number.
-    let rows: Vec<DeliveryStateRow> = sqlx::query_as(&format!(
+    // One statement per shape, no `?N IS NULL OR …`: the planner then walks `outbox_sent`
+    // newest first (or one customer's rows), never the whole outbox. The channel names
+    // travel as one JSON array, whatever their number.
+    let customer = if filter.customer_id.is_some() {
+        "AND customer_id = ?3"
+    } else {
+        ""
+    };
+    let q = format!(
         "SELECT {OUTBOX_COLUMNS}, {STATE_COLUMNS} FROM outbox
-         WHERE status = 'sent' AND channel IN (SELECT value FROM json_each(?1))
-           AND (?2 IS NULL OR channel = ?2) AND (?3 IS NULL OR customer_id = ?3)
-         ORDER BY sent_at DESC, rowid DESC LIMIT ?4"
-    ))
-    .bind(to_json("outbox", &filter.channels)?)
-    .bind(filter.channel.as_deref())
-    .bind(filter.customer_id.as_deref())
-    .bind(limit_i64(filter.limit))
-    .fetch_all(&s.read)
-    .await?;
+         WHERE status = 'sent' AND channel IN (SELECT value FROM json_each(?1)) {customer}
+         ORDER BY sent_at DESC, rowid DESC LIMIT ?2"
+    );
+    let mut q = sqlx::query_as(&q)
+        .bind(to_json("outbox", &channels)?)
+        .bind(limit_i64(filter.limit));
+    if let Some(c) = filter.customer_id.as_deref() {
+        q = q.bind(c);
+    }
+    let rows: Vec<DeliveryStateRow> = q.fetch_all(&s.read).await?;
     rows.into_iter().map(DeliveryStateRow::into_state).collect()
 }
 
