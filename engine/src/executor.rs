@@ -22,8 +22,13 @@ use crate::state::{
 use crate::stats::{self, Count, metric};
 
 mod call;
+mod counts;
 mod fallback;
 mod send;
+mod steps;
+mod wait;
+
+pub use wait::{local_time, next_in_window};
 
 /// The waiting marker of a run parked at a `call` step until the response comes back.
 pub const WAITING_FOR_CALL: &str = "call";
@@ -221,44 +226,6 @@ impl<'c, 'a> Exec<'c, 'a> {
 }
 
 impl Exec<'_, '_> {
-    /// The step the run is parked at, if it waits.
-    fn parked(&self) -> Option<String> {
-        match self.run.status {
-            RunStatus::Waiting => self.run.step.clone(),
-            RunStatus::Ended => None,
-        }
-    }
-
-    /// Move the waiting gauge from where the run was parked (`before`) to where it is now.
-    /// A new run (no step yet) was parked nowhere.
-    fn count_waiting(&mut self, before: Option<String>) {
-        let after = self.parked();
-        if before == after {
-            return;
-        }
-        let (flow, version) = (&self.run.flow, &self.run.version);
-        if let Some(step) = &before {
-            self.out
-                .counts
-                .push(Count::waiting(flow, version, step, -1));
-        }
-        if let Some(step) = &after {
-            self.out.counts.push(Count::waiting(flow, version, step, 1));
-        }
-    }
-
-    /// Count one at `step` (a step id, or [`stats::FLOW`]) today.
-    fn count(&mut self, step: &str, metric: String) {
-        self.out.counts.push(Count {
-            flow: self.run.flow.clone(),
-            version: self.run.version.clone(),
-            step: step.to_owned(),
-            metric,
-            day: Some(self.day),
-            n: 1,
-        });
-    }
-
     fn flow(&self) -> &CompiledFlow {
         self.cx.flow
     }
@@ -420,87 +387,6 @@ impl Exec<'_, '_> {
         false
     }
 
-    fn resume_on_event(&mut self, event: &Event) {
-        let Some(node) = self.current() else { return };
-        let flow = self.cx.flow;
-        if let StepKind::Wait {
-            wait: Wait::Event {
-                name, condition, ..
-            },
-            next,
-        } = &flow.graph[node].kind
-        {
-            if self.run.waiting_for.as_deref() != Some(name.as_str()) || *name != event.name {
-                return;
-            }
-            if let Some(c) = condition {
-                match self.eval_bool(c, Some(event)) {
-                    Ok(true) => {}
-                    Ok(false) => return,
-                    Err(e) => {
-                        self.record(
-                            "error",
-                            flow.graph[node].id.clone(),
-                            json!({ "where": c.source(), "error": e.to_string() }),
-                        );
-                        return;
-                    }
-                }
-            }
-            self.run.event = Some(event.clone());
-            self.run.waiting_for = None;
-            self.run.wake_at = None;
-            self.record(
-                "resumed",
-                flow.graph[node].id.clone(),
-                json!({ "event": event.name, "event_id": event.id }),
-            );
-            self.advance(*next);
-        }
-    }
-
-    fn timer(&mut self) {
-        let Some(node) = self.current() else { return };
-        let flow = self.cx.flow;
-        let step = &flow.graph[node];
-        self.run.wake_at = None;
-        match &step.kind {
-            StepKind::Wait {
-                wait: Wait::Event {
-                    name, on_timeout, ..
-                },
-                ..
-            } => {
-                self.run.waiting_for = None;
-                match on_timeout {
-                    Some(t) => {
-                        self.record("timeout", step.id.clone(), json!({ "event": name }));
-                        self.advance(Some(*t));
-                    }
-                    None => {
-                        self.record(
-                            "timeout",
-                            step.id.clone(),
-                            json!({ "event": name, "outcome": "timeout" }),
-                        );
-                        self.end("timeout");
-                    }
-                }
-            }
-            // The wait is over; the next step's history row records the moment.
-            StepKind::Wait { next, .. } => self.advance(*next),
-            // A send delayed by quiet hours or a cap: try again now.
-            StepKind::Send { .. } => self.advance(Some(node)),
-            // The call's `timeout` passed without an answer.
-            StepKind::Call { .. } if self.run.waiting_for.as_deref() == Some(WAITING_FOR_CALL) => {
-                self.call_timed_out(node)
-            }
-            _ => {
-                tracing::warn!(run = %self.run.id, step = %step.id, "timer at a step that does not wait");
-            }
-        }
-    }
-
     /// Run steps from `target` until the run waits or ends.
     fn advance(&mut self, mut target: Target) {
         let flow = self.cx.flow;
@@ -604,63 +490,7 @@ impl Exec<'_, '_> {
                     }
                 }
             }
-            StepKind::Update {
-                set,
-                add,
-                tag,
-                untag,
-                next,
-            } => {
-                let mut detail = Map::new();
-                for (k, v) in set {
-                    let v = self.render_json(v).unwrap_or_else(|_| v.clone());
-                    self.customer.attributes.insert(k.clone(), v);
-                }
-                for (k, n) in add {
-                    let cur = self
-                        .customer
-                        .attributes
-                        .get(k)
-                        .and_then(Json::as_f64)
-                        .unwrap_or(0.0);
-                    let sum = cur + n;
-                    let v = if sum.fract() == 0.0 && sum.abs() < 9e15 {
-                        json!(sum as i64)
-                    } else {
-                        json!(sum)
-                    };
-                    self.customer.attributes.insert(k.clone(), v);
-                }
-                if !tag.is_empty() || !untag.is_empty() {
-                    let mut tags: Vec<Json> = match self.customer.attributes.get("tags") {
-                        Some(Json::Array(a)) => a.clone(),
-                        _ => Vec::new(),
-                    };
-                    for t in tag {
-                        if !tags.iter().any(|x| x.as_str() == Some(t)) {
-                            tags.push(json!(t));
-                        }
-                    }
-                    tags.retain(|x| !untag.iter().any(|u| x.as_str() == Some(u)));
-                    self.customer
-                        .attributes
-                        .insert("tags".to_owned(), Json::Array(tags));
-                }
-                detail.insert(
-                    "set".into(),
-                    json!(set.iter().map(|(k, _)| k).collect::<Vec<_>>()),
-                );
-                detail.insert(
-                    "add".into(),
-                    json!(add.iter().map(|(k, _)| k).collect::<Vec<_>>()),
-                );
-                detail.insert("tag".into(), json!(tag));
-                detail.insert("untag".into(), json!(untag));
-                self.customer.updated_at = self.cx.now;
-                self.out.customer_changed = true;
-                self.record("updated", id, Json::Object(detail));
-                Flow::Go(*next)
-            }
+            k @ StepKind::Update { .. } => self.update(id, k),
             StepKind::Call {
                 webhook,
                 body,
@@ -668,157 +498,14 @@ impl Exec<'_, '_> {
                 timeout,
                 ..
             } => self.call(id, webhook, body.as_ref(), save_as, *timeout),
-            StepKind::Task {
-                assign,
-                text,
-                due,
-                next,
-            } => {
-                let assignee = match self.eval_value(assign) {
-                    Ok(Json::String(s)) => Some(s),
-                    Ok(Json::Null) | Err(_) => None,
-                    Ok(other) => Some(other.to_string()),
-                };
-                let rendered = self.render_text(&format!("{}/{}", self.run.flow, id), text);
-                match (assignee, rendered) {
-                    (Some(assignee), Ok(text)) => {
-                        let due_at = self.cx.now + secs(due.as_secs());
-                        self.out.outbox.push(OutboxRow {
-                            key: format!("{}/{}", self.run.id, id),
-                            kind: OutboxKind::Task,
-                            run_id: self.run.id.clone(),
-                            flow: self.run.flow.clone(),
-                            customer_id: self.run.customer_id.clone(),
-                            step: id.clone(),
-                            channel: "task".to_owned(),
-                            address: Some(assignee.clone()),
-                            template: None,
-                            payload: json!({ "assign": assignee, "text": text, "due_at": due_at.to_rfc3339() }),
-                            transactional: true,
-                            created_at: self.cx.now,
-                        });
-                        self.run.last_touch = Some(id.clone());
-                        self.record(
-                            "task",
-                            id,
-                            json!({ "assign": assignee, "due_at": due_at.to_rfc3339() }),
-                        );
-                    }
-                    (None, _) => {
-                        self.count(&id, stats::qualified("skipped", "no_address"));
-                        self.record("skipped", id, json!({ "reason": format!("`{}` names nobody for this customer", assign.source()) }));
-                    }
-                    (_, Err(e)) => {
-                        self.count(&id, stats::qualified("skipped", "error"));
-                        self.record("skipped", id, json!({ "reason": e.to_string() }));
-                    }
-                }
-                Flow::Go(*next)
-            }
+            k @ StepKind::Task { .. } => self.task(id, k),
             StepKind::Exit { outcome } => {
                 self.record("exit", id, json!({ "outcome": outcome }));
                 self.end(outcome);
                 Flow::End
             }
-            StepKind::Plugin {
-                kind,
-                with,
-                outputs,
-                next,
-            } => {
-                let Some(plugin) = self.cx.registry.kind(kind) else {
-                    self.record(
-                        "error",
-                        id,
-                        json!({ "error": format!("node kind `{kind}` is not registered") }),
-                    );
-                    return Flow::Go(*next);
-                };
-                let plugin = plugin.clone();
-                let (flow_id, run_id, now) =
-                    (self.run.flow.clone(), self.run.id.clone(), self.cx.now);
-                let before = self.customer.cooldowns.clone();
-                let result = {
-                    let mut pcx = PluginCx {
-                        flow: &flow_id,
-                        step: &id,
-                        run_id: &run_id,
-                        customer: self.customer,
-                        now,
-                    };
-                    plugin.run(with, &mut pcx)
-                };
-                if self.customer.cooldowns != before {
-                    self.customer.updated_at = now;
-                    self.out.customer_changed = true;
-                }
-                match result {
-                    Ok(None) => {
-                        self.record(kind, id, json!({ "output": "next" }));
-                        Flow::Go(*next)
-                    }
-                    Ok(Some(output)) => {
-                        self.record(kind, id, json!({ "output": output }));
-                        match outputs.iter().find(|(o, _)| *o == output) {
-                            Some((_, t)) => Flow::Go(*t),
-                            None => Flow::Go(None),
-                        }
-                    }
-                    Err(e) => {
-                        self.record("error", id, json!({ "error": e }));
-                        Flow::Go(*next)
-                    }
-                }
-            }
+            k @ StepKind::Plugin { .. } => self.plugin(id, k),
         }
-    }
-
-    fn wait(&mut self, id: &str, wait: &Wait, next: Target) -> Flow {
-        let now = self.cx.now;
-        let until = match wait {
-            Wait::For(d) => now + secs(d.as_secs()),
-            Wait::Until(expr) => match self.eval_time(expr) {
-                Ok(t) => t,
-                Err(e) => {
-                    // A date the customer does not have cannot be waited for: move on and
-                    // say why, rather than park the run forever.
-                    self.record(
-                        "error",
-                        id.to_owned(),
-                        json!({ "until": expr.source(), "error": e.to_string() }),
-                    );
-                    return Flow::Go(next);
-                }
-            },
-            Wait::Event { name, timeout, .. } => {
-                let until = now + secs(timeout.as_secs());
-                self.run.waiting_for = Some(name.clone());
-                self.run.wake_at = Some(until);
-                self.record(
-                    "waiting",
-                    id.to_owned(),
-                    json!({ "event": name, "until": until.to_rfc3339() }),
-                );
-                return Flow::Park;
-            }
-            Wait::Window { days, between } => next_in_window(now, self.tz, days, *between),
-        };
-        if until <= now {
-            self.record(
-                "waited",
-                id.to_owned(),
-                json!({ "until": until.to_rfc3339(), "passed": true }),
-            );
-            return Flow::Go(next);
-        }
-        self.run.wake_at = Some(until);
-        self.run.waiting_for = None;
-        self.record(
-            "waiting",
-            id.to_owned(),
-            json!({ "until": until.to_rfc3339() }),
-        );
-        Flow::Park
     }
 
     /// End the run; the caller has recorded the step that ended it.
@@ -866,28 +553,6 @@ impl Exec<'_, '_> {
             action: action.to_owned(),
             detail,
         });
-    }
-
-    /// The counters a history row moves: what it did at its step, and on which channel.
-    /// (Arrivals and edges are counted by `advance`, the reasons of delays and skips by
-    /// `send`, conversions by `goal`, outcomes by `end`.)
-    fn count_record(&mut self, action: &str, step: &str, detail: &Json) {
-        let counted = match action {
-            "sent" | "failed" | "delayed" | "skipped" | "error" | "timeout" | "task" | "called"
-            | "late" => action,
-            "fallback" => metric::FELL_BACK,
-            "exit" => "exited",
-            _ => return,
-        };
-        self.count(step, counted.to_owned());
-        let channel = match action {
-            "fallback" => detail.get("from"),
-            "sent" | "failed" => detail.get("channel"),
-            _ => None,
-        };
-        if let Some(channel) = channel.and_then(Json::as_str) {
-            self.count(step, stats::qualified(counted, channel));
-        }
     }
 
     fn with_scope<R>(&self, event: Option<&Event>, f: impl FnOnce(&Scope<'_>) -> R) -> R {
@@ -957,76 +622,6 @@ pub fn split_point(flow: &str, step: &str, customer: &str) -> f64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&d[..8]);
     (u64::from_be_bytes(b) >> 11) as f64 / (1u64 << 53) as f64 * 100.0
-}
-
-/// A local date at a clock time (minutes after midnight) in `tz`; a time skipped by a DST
-/// change moves forward to the first valid minute.
-pub fn local_time(tz: Tz, date: NaiveDate, minutes: u32) -> Time {
-    let mut m = minutes;
-    loop {
-        let naive = date
-            .and_hms_opt(0, 0, 0)
-            .map(|d| d + Span::minutes(i64::from(m)));
-        let Some(naive) = naive else { break };
-        match tz.from_local_datetime(&naive) {
-            chrono::LocalResult::Single(t) => return t.with_timezone(&chrono::Utc),
-            chrono::LocalResult::Ambiguous(t, _) => return t.with_timezone(&chrono::Utc),
-            chrono::LocalResult::None if m < minutes + 24 * 60 => m += 1,
-            chrono::LocalResult::None => break,
-        }
-    }
-    chrono::Utc.from_utc_datetime(&date.and_hms_opt(0, 0, 0).unwrap_or_default())
-}
-
-fn weekday_matches(days: &[Weekday], date: NaiveDate) -> bool {
-    if days.is_empty() {
-        return true;
-    }
-    let w = match date.weekday() {
-        chrono::Weekday::Mon => Weekday::Mon,
-        chrono::Weekday::Tue => Weekday::Tue,
-        chrono::Weekday::Wed => Weekday::Wed,
-        chrono::Weekday::Thu => Weekday::Thu,
-        chrono::Weekday::Fri => Weekday::Fri,
-        chrono::Weekday::Sat => Weekday::Sat,
-        chrono::Weekday::Sun => Weekday::Sun,
-    };
-    days.contains(&w)
-}
-
-/// The first moment at or after `now` inside a customer-local send window. A window that
-/// wraps midnight (`20:00-02:00`) belongs to the day it opens on.
-pub fn next_in_window(
-    now: Time,
-    tz: Tz,
-    days: &[Weekday],
-    between: Option<(crate::duration::TimeOfDay, crate::duration::TimeOfDay)>,
-) -> Time {
-    let today = now.with_timezone(&tz).date_naive();
-    for offset in -1..=8i64 {
-        let date = today + Span::days(offset);
-        if !weekday_matches(days, date) {
-            continue;
-        }
-        let (start, end) = match between {
-            None => (
-                local_time(tz, date, 0),
-                local_time(tz, date + Span::days(1), 0),
-            ),
-            Some((a, z)) if a < z => (
-                local_time(tz, date, u32::from(a.0)),
-                local_time(tz, date, u32::from(z.0)),
-            ),
-            Some((a, z)) => (
-                local_time(tz, date, u32::from(a.0)),
-                local_time(tz, date + Span::days(1), u32::from(z.0)),
-            ),
-        };
-        if end > now {
-            return start.max(now);
-        }
-    }
-    now
 }
 
 #[cfg(test)]

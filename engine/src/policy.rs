@@ -258,16 +258,6 @@ pub enum Reason {
     },
 }
 
-impl Reason {
-    /// The rule's kind, as outcome counters name it: `cap` or `quiet_hours`.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Reason::Cap { .. } => "cap",
-            Reason::QuietHours { .. } => "quiet_hours",
-        }
-    }
-}
-
 impl fmt::Display for Reason {
     /// A sentence for logs, skip records and the API.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -39,13 +39,13 @@ impl Exec<'_, '_> {
             Decision::Delay { until, reason } => {
                 self.run.wake_at = Some(until);
                 self.run.waiting_for = None;
-                self.count(id, stats::qualified("delayed", reason.kind()));
+                self.count(id, stats::qualified("delayed", reason_kind(&reason)));
                 self.record("delayed", id.to_owned(), json!({ "channel": channel, "template": template, "until": until.to_rfc3339(), "reason": reason.to_string() }));
                 return Flow::Park;
             }
             Decision::Skip { reason } => {
                 self.run.wake_at = None;
-                self.count(id, stats::qualified("skipped", reason.kind()));
+                self.count(id, stats::qualified("skipped", reason_kind(&reason)));
                 self.record("skipped", id.to_owned(), json!({ "channel": channel, "template": template, "reason": reason.to_string() }));
                 return Flow::Go(next);
             }
@@ -159,5 +159,13 @@ impl Exec<'_, '_> {
             payload.insert(key.into(), json!(body));
         }
         Ok(Json::Object(payload))
+    }
+}
+
+/// A policy rule's kind, as the outcome counters name it (`skipped:cap`, `delayed:quiet_hours`).
+fn reason_kind(reason: &crate::policy::Reason) -> &'static str {
+    match reason {
+        crate::policy::Reason::Cap { .. } => "cap",
+        crate::policy::Reason::QuietHours { .. } => "quiet_hours",
     }
 }

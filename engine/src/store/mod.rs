@@ -13,6 +13,7 @@ use crate::state::{
 use crate::stats::{FlowStats, StatsQuery};
 
 mod codec;
+mod counters;
 pub mod postgres;
 pub mod raw;
 pub mod sqlite;

@@ -3,10 +3,11 @@
 //! history holds.
 
 use super::*;
+use crate::store::counters;
 
 pub(super) async fn flow_stats(s: &SqliteStore, q: &StatsQuery) -> Result<FlowStats> {
     let version = q.version.as_deref();
-    let counts: Vec<codec::StatDbRow> = sqlx::query_as(
+    let counts: Vec<counters::StatDbRow> = sqlx::query_as(
         "SELECT version, step, metric, SUM(n) AS n FROM step_counts
          WHERE flow = ?1 AND day BETWEEN ?2 AND ?3 AND (?4 IS NULL OR version = ?4)
          GROUP BY version, step, metric ORDER BY version, step, metric",
@@ -17,7 +18,7 @@ pub(super) async fn flow_stats(s: &SqliteStore, q: &StatsQuery) -> Result<FlowSt
     .bind(version)
     .fetch_all(&s.read)
     .await?;
-    let days: Vec<codec::DayDbRow> = sqlx::query_as(
+    let days: Vec<counters::DayDbRow> = sqlx::query_as(
         "SELECT day, metric, SUM(n) AS n FROM step_counts
          WHERE flow = ?1 AND day BETWEEN ?2 AND ?3 AND step = '' AND (?4 IS NULL OR version = ?4)
          GROUP BY day, metric ORDER BY day, metric",
@@ -28,7 +29,7 @@ pub(super) async fn flow_stats(s: &SqliteStore, q: &StatsQuery) -> Result<FlowSt
     .bind(version)
     .fetch_all(&s.read)
     .await?;
-    let waiting: Vec<codec::StatDbRow> = sqlx::query_as(
+    let waiting: Vec<counters::StatDbRow> = sqlx::query_as(
         "SELECT version, step, 'waiting' AS metric, SUM(n) AS n FROM step_waiting
          WHERE flow = ?1 AND (?2 IS NULL OR version = ?2)
          GROUP BY version, step HAVING SUM(n) <> 0 ORDER BY version, step",
@@ -37,12 +38,12 @@ pub(super) async fn flow_stats(s: &SqliteStore, q: &StatsQuery) -> Result<FlowSt
     .bind(version)
     .fetch_all(&s.read)
     .await?;
-    let versions: Vec<codec::VersionDbRow> = sqlx::query_as(
+    let versions: Vec<counters::VersionDbRow> = sqlx::query_as(
         "SELECT version, created_at FROM flow_versions WHERE flow = ?1
          ORDER BY created_at, version",
     )
     .bind(&q.flow)
     .fetch_all(&s.read)
     .await?;
-    codec::flow_stats(counts, days, waiting, versions)
+    counters::flow_stats(counts, days, waiting, versions)
 }
