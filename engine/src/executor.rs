@@ -19,7 +19,7 @@ use crate::state::{
     Arm, Conversion, Customer, DeliveryFailure, Enrolment, Event, Failure, HistoryEntry,
     OutboxKind, OutboxRow, Run, RunStatus, Time,
 };
-use crate::stats::{self, Count, metric};
+use crate::stats::{self, Tick, metric};
 
 mod call;
 mod counts;
@@ -83,8 +83,9 @@ pub struct Transition {
     /// What failed (an `error` history row, a goal condition or exit rule that could not be
     /// evaluated): counted per flow and step, so nothing fails unseen.
     pub failures: Vec<Failure>,
-    /// The outcome counters the transition moves (see [`crate::stats`]).
-    pub counts: Vec<Count>,
+    /// The outcome counters the transition moves (see [`crate::stats`]), for its run's flow
+    /// and version.
+    pub counts: Vec<Tick>,
 }
 
 impl Transition {
@@ -234,7 +235,7 @@ impl Exec<'_, '_> {
         let ended = self.run.status == RunStatus::Ended;
         match input {
             Input::Start => {
-                self.count(stats::FLOW, metric::ENTERED.to_owned());
+                self.count(stats::FLOW, metric::ENTERED);
                 self.advance(Some(self.flow().start));
             }
             Input::Event(event) => {
@@ -316,14 +317,14 @@ impl Exec<'_, '_> {
             event_id: event.id.clone(),
             at: self.cx.now,
         });
-        self.count(stats::FLOW, metric::CONVERTED.to_owned());
+        self.count(stats::FLOW, metric::CONVERTED);
         let arm = match self.run.arm {
             Arm::Treated => "treated",
             Arm::Control => "control",
         };
         self.count(stats::FLOW, stats::qualified(metric::CONVERTED, arm));
         if let Some(touch) = self.run.last_touch.clone() {
-            self.count(&touch, metric::CONVERTED.to_owned());
+            self.count(&touch, metric::CONVERTED);
         }
         for (split, arm) in self.run.splits.clone() {
             self.count(&split, stats::qualified(metric::CONVERTED, &arm));
@@ -400,7 +401,7 @@ impl Exec<'_, '_> {
                 if let Some(from) = self.run.step.clone() {
                     self.count(&from, stats::qualified("to", id));
                 }
-                self.count(id, metric::ENTERED.to_owned());
+                self.count(id, metric::ENTERED);
             }
             if budget == 0 {
                 self.record(

@@ -470,8 +470,8 @@ pub struct Batch {
     pub conversions: Vec<Conversion>,
     /// Run-time failures of this round, one per flow, step and customer (counts added).
     pub failures: Vec<Failure>,
-    /// Outcome counters of this round, summed per counter (`stats::merge`).
-    pub counts: Vec<crate::stats::Count>,
+    /// Outcome counters of this round, summed per counter.
+    pub counts: crate::stats::Tally,
     /// Inbox items now applied (by sequence number from `Store::inbox_pending`).
     pub inbox_done: Vec<i64>,
     /// The customer leases the round ran under, when several daemons share the database:

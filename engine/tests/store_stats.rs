@@ -30,7 +30,7 @@ fn count(version: &str, step: &str, metric: &str, day: i32, n: i64) -> Count {
 
 fn batch(counts: Vec<Count>, lease: Option<Lease>) -> Batch {
     Batch {
-        counts,
+        counts: counts.into(),
         at: t(0),
         lease,
         ..Batch::default()

@@ -2,6 +2,8 @@
 //! counted by `advance`, delay and skip reasons by `send`, conversions by `goal`, outcomes
 //! by `end`; what a history row did, here, and the waiting gauge around each input.
 
+use std::borrow::Cow;
+
 use super::*;
 
 impl Exec<'_, '_> {
@@ -20,24 +22,23 @@ impl Exec<'_, '_> {
         if before == after {
             return;
         }
-        let (flow, version) = (&self.run.flow, &self.run.version);
-        if let Some(step) = &before {
-            self.out
-                .counts
-                .push(Count::waiting(flow, version, step, -1));
-        }
-        if let Some(step) = &after {
-            self.out.counts.push(Count::waiting(flow, version, step, 1));
+        for (step, n) in [(before, -1), (after, 1)] {
+            if let Some(step) = step {
+                self.out.counts.push(Tick {
+                    step,
+                    metric: Cow::Borrowed(metric::WAITING),
+                    day: None,
+                    n,
+                });
+            }
         }
     }
 
     /// Count one at `step` (a step id, or [`stats::FLOW`]) today.
-    pub(super) fn count(&mut self, step: &str, metric: String) {
-        self.out.counts.push(Count {
-            flow: self.run.flow.clone(),
-            version: self.run.version.clone(),
+    pub(super) fn count(&mut self, step: &str, metric: impl Into<Cow<'static, str>>) {
+        self.out.counts.push(Tick {
             step: step.to_owned(),
-            metric,
+            metric: metric.into(),
             day: Some(self.day),
             n: 1,
         });
@@ -47,14 +48,21 @@ impl Exec<'_, '_> {
     /// (Arrivals and edges are counted by `advance`, the reasons of delays and skips by
     /// `send`, conversions by `goal`, outcomes by `end`.)
     pub(super) fn count_record(&mut self, action: &str, step: &str, detail: &Json) {
-        let counted = match action {
-            "sent" | "failed" | "delayed" | "skipped" | "error" | "timeout" | "task" | "called"
-            | "late" => action,
+        let counted: &'static str = match action {
+            "sent" => "sent",
+            "failed" => "failed",
+            "delayed" => "delayed",
+            "skipped" => "skipped",
+            "error" => metric::ERROR,
+            "timeout" => "timeout",
+            "task" => "task",
+            "called" => "called",
+            "late" => "late",
             "fallback" => metric::FELL_BACK,
             "exit" => "exited",
             _ => return,
         };
-        self.count(step, counted.to_owned());
+        self.count(step, counted);
         let channel = match action {
             "fallback" => detail.get("from"),
             "sent" | "failed" => detail.get("channel"),

@@ -35,7 +35,7 @@ impl<S: Store> Runtime<S> {
                 &mut loaded.customer,
                 Input::Event(event),
             );
-            absorb(tr, dirty, &mut loaded.customer_dirty, cs.batch);
+            absorb(tr, flow, dirty, &mut loaded.customer_dirty, cs.batch);
         }
         loaded.settle();
         if let Some(opt) = &self.policy.unsubscribe {
@@ -46,7 +46,7 @@ impl<S: Store> Runtime<S> {
                         continue;
                     };
                     let tr = executor::stop(&self.ctx(flow, now), run, &mut loaded.customer, event);
-                    absorb(tr, dirty, &mut loaded.customer_dirty, cs.batch);
+                    absorb(tr, flow, dirty, &mut loaded.customer_dirty, cs.batch);
                 }
                 loaded.settle();
                 loaded.customer.unsubscribed_at = Some(now);
@@ -128,7 +128,7 @@ impl<S: Store> Runtime<S> {
                 &mut loaded.customer,
                 Input::Profile,
             );
-            absorb(tr, dirty, &mut loaded.customer_dirty, cs.batch);
+            absorb(tr, flow, dirty, &mut loaded.customer_dirty, cs.batch);
         }
         loaded.settle();
         for flow in self.flows.by_precedence() {
@@ -179,7 +179,7 @@ impl<S: Store> Runtime<S> {
             return;
         };
         let tr = executor::step(&self.ctx(flow, now), run, &mut loaded.customer, input);
-        absorb(tr, dirty, &mut loaded.customer_dirty, cs.batch);
+        absorb(tr, flow, dirty, &mut loaded.customer_dirty, cs.batch);
         loaded.settle();
     }
 
@@ -239,7 +239,7 @@ impl<S: Store> Runtime<S> {
                 &mut loaded.customer,
                 Input::Timer,
             );
-            absorb(tr, dirty, &mut loaded.customer_dirty, cs.batch);
+            absorb(tr, flow, dirty, &mut loaded.customer_dirty, cs.batch);
         }
         loaded.settle();
     }
@@ -310,7 +310,7 @@ impl<S: Store> Runtime<S> {
             Input::Start,
         );
         let mut dirty = true;
-        absorb(tr, &mut dirty, &mut loaded.customer_dirty, cs.batch);
+        absorb(tr, flow, &mut dirty, &mut loaded.customer_dirty, cs.batch);
         loaded.runs.push((run, true));
         loaded.settle();
         cs.stats.started += 1;
@@ -372,12 +372,12 @@ fn refused(
     policy: &Policy,
     now: Time,
 ) {
-    batch.counts.push(crate::stats::Count {
-        flow: flow.id.clone(),
-        version: flow.hash.0.clone(),
-        step: crate::stats::FLOW.to_owned(),
-        metric: crate::stats::qualified(crate::stats::metric::REFUSED, why),
-        day: Some(crate::stats::day_of(now, policy.timezone)),
-        n: 1,
-    });
+    batch.counts.add(
+        &flow.id,
+        &flow.hash.0,
+        Some(crate::stats::day_of(now, policy.timezone)),
+        crate::stats::FLOW,
+        crate::stats::qualified(crate::stats::metric::REFUSED, why).into(),
+        1,
+    );
 }

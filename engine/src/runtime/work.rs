@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::executor::Transition;
+use crate::flow::CompiledFlow;
 use crate::state::{
     Batch, Customer, CustomerState, Enrolment, Failure, OutboxKind, Run, RunStatus, Time,
 };
@@ -30,14 +31,13 @@ pub(super) fn seal(mut work: Work, now: Time) -> (Batch, Stats) {
     }
     work.batch.at = now;
     work.batch.failures = merge_failures(std::mem::take(&mut work.batch.failures));
-    work.batch.counts = crate::stats::merge(std::mem::take(&mut work.batch.counts));
     let mut stats = work.stats;
     stats.counts = work
         .batch
         .counts
-        .iter()
+        .counts()
+        .into_iter()
         .filter(|c| c.day.is_some())
-        .cloned()
         .collect();
     stats.transitions = work.batch.history.len() as u64;
     stats.outbox = work.batch.outbox.len() as u64;
@@ -215,6 +215,7 @@ pub(super) struct Slot<'a> {
 
 pub(super) fn absorb(
     mut tr: Transition,
+    flow: &CompiledFlow,
     dirty: &mut bool,
     customer_dirty: &mut bool,
     batch: &mut Batch,
@@ -223,7 +224,9 @@ pub(super) fn absorb(
         *customer_dirty = true;
     }
     batch.failures.append(&mut tr.failures);
-    batch.counts.append(&mut tr.counts);
+    batch
+        .counts
+        .add_ticks(&flow.id, &flow.hash.0, std::mem::take(&mut tr.counts));
     if tr.is_empty() {
         return;
     }

@@ -12,7 +12,8 @@
 //! Runs waiting at a step are a gauge, not a daily count: [`Count::waiting`] moves it by
 //! one as runs arrive and leave.
 
-use std::collections::BTreeMap;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
 
 mod audit;
 pub use audit::audit;
@@ -82,6 +83,125 @@ impl Count {
             day: None,
             n,
         }
+    }
+}
+
+/// One counter moved by a transition, of the transition's run's flow and version: a step id
+/// (or [`FLOW`]), the metric (static for the fixed names, so counting allocates little), the
+/// day (`None` for the waiting gauge) and how much.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tick {
+    pub step: String,
+    pub metric: Cow<'static, str>,
+    pub day: Option<i32>,
+    pub n: i64,
+}
+
+/// A round's counters summed as they come: nested maps looked up by `&str`, so a counter
+/// already seen in the round costs no allocation. `counts` gives them as the stores write
+/// them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Tally {
+    /// Per flow, version and day: step -> metric -> n. A round has very few of these.
+    groups: Vec<Group>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Group {
+    flow: String,
+    version: String,
+    day: Option<i32>,
+    steps: HashMap<String, HashMap<Cow<'static, str>, i64>>,
+}
+
+impl Tally {
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+
+    /// Add `n` to one counter.
+    pub fn add(
+        &mut self,
+        flow: &str,
+        version: &str,
+        day: Option<i32>,
+        step: &str,
+        metric: Cow<'static, str>,
+        n: i64,
+    ) {
+        let i = match self
+            .groups
+            .iter()
+            .position(|g| g.day == day && g.flow == flow && g.version == version)
+        {
+            Some(i) => i,
+            None => {
+                self.groups.push(Group {
+                    flow: flow.to_owned(),
+                    version: version.to_owned(),
+                    day,
+                    steps: HashMap::new(),
+                });
+                self.groups.len() - 1
+            }
+        };
+        let steps = &mut self.groups[i].steps;
+        let metrics = match steps.get_mut(step) {
+            Some(m) => m,
+            None => steps.entry(step.to_owned()).or_default(),
+        };
+        match metrics.get_mut(metric.as_ref()) {
+            Some(v) => *v += n,
+            None => {
+                metrics.insert(metric, n);
+            }
+        }
+    }
+
+    /// Add a transition's ticks, for its run's flow and version.
+    pub fn add_ticks(&mut self, flow: &str, version: &str, ticks: Vec<Tick>) {
+        for t in ticks {
+            self.add(flow, version, t.day, &t.step, t.metric, t.n);
+        }
+    }
+
+    /// Every counter, summed, zeros dropped, in key order ([`merge`]'s order).
+    pub fn counts(&self) -> Vec<Count> {
+        let mut out = Vec::new();
+        for g in &self.groups {
+            for (step, metrics) in &g.steps {
+                for (metric, n) in metrics {
+                    if *n != 0 {
+                        out.push(Count {
+                            flow: g.flow.clone(),
+                            version: g.version.clone(),
+                            step: step.clone(),
+                            metric: metric.to_string(),
+                            day: g.day,
+                            n: *n,
+                        });
+                    }
+                }
+            }
+        }
+        merge(out)
+    }
+}
+
+impl From<Vec<Count>> for Tally {
+    fn from(counts: Vec<Count>) -> Tally {
+        let mut t = Tally::default();
+        for c in counts {
+            t.add(
+                &c.flow,
+                &c.version,
+                c.day,
+                &c.step,
+                Cow::Owned(c.metric),
+                c.n,
+            );
+        }
+        t
     }
 }
 

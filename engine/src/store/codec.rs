@@ -139,7 +139,9 @@ impl<'a> Rows<'a> {
             (&a.flow, &a.step, &a.customer_id).cmp(&(&b.flow, &b.step, &b.customer_id))
         });
         // Summed again: an upsert may touch a row once, whoever built the batch.
-        let (counts, waiting) = crate::stats::merge(batch.counts.clone())
+        let (counts, waiting) = batch
+            .counts
+            .counts()
             .into_iter()
             .partition(|c| c.day.is_some());
         Rows {
