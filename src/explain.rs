@@ -33,9 +33,12 @@ pub fn explain(store: Store, q: Question, format: Format) -> anyhow::Result<Exit
         let db = Database::open_existing(database.expose(), store.database_timeout)
             .await
             .with_context(|| format!("opening {database}"))?;
-        anyhow::Ok(Story::read(&db, &q.customer, q.flow.as_deref()).await?)
+        let story = Story::read(&db, &q.customer, q.flow.as_deref()).await?;
+        // Every flow's messages: a cap counts them all, whichever flow asked.
+        let sends = db.deliveries(&q.customer).await?;
+        anyhow::Ok(story.map(|s| (s, sends)))
     })?;
-    let Some(story) = story else {
+    let Some((story, sends)) = story else {
         writeln!(
             std::io::stderr(),
             "canvas explain: no customer `{}` in {}",
@@ -45,7 +48,7 @@ pub fn explain(store: Store, q: Question, format: Format) -> anyhow::Result<Exit
         return Ok(ExitCode::from(1));
     };
     let zone = store.policy.customer_zone(story.zone.as_deref());
-    let answer = (q.step.is_some() || q.template.is_some()).then(|| story.answer(&q, zone));
+    let answer = (q.step.is_some() || q.template.is_some()).then(|| story.answer(&q, zone, &sends));
     let mut out = std::io::stdout().lock();
     match format {
         Format::Json => {
@@ -217,7 +220,7 @@ impl Story {
     }
 
     /// The plain answer about a step or a template: the latest run that got there decides.
-    fn answer(&self, q: &Question, zone: chrono_tz::Tz) -> String {
+    fn answer(&self, q: &Question, zone: chrono_tz::Tz, sends: &[DeliveryState]) -> String {
         let at = |t| testing::show(t, ShowIn::Zone(zone));
         let what = match (&q.step, &q.template) {
             (Some(s), _) => format!("step `{s}`"),
@@ -290,11 +293,67 @@ impl Story {
                 };
                 format!("{what}: sent {} on {}{state}", at(h.at), s("channel"))
             }
-            "skipped" => format!("{what}: not sent ({}): {}", at(h.at), s("reason")),
-            "delayed" => format!("{what}: delayed until {}: {}", s("until"), s("reason")),
+            "skipped" => format!(
+                "{what}: not sent ({}): {}{}",
+                at(h.at),
+                s("reason"),
+                capped_by(h, sends)
+            ),
+            "delayed" => format!(
+                "{what}: delayed until {}: {}{}",
+                s("until"),
+                s("reason"),
+                capped_by(h, sends)
+            ),
             "failed" => format!("{what}: failed {}: {}", at(h.at), s("error")),
             "error" => format!("{what}: error {}: {}", at(h.at), s("error")),
             other => format!("{what}: {other} {}", at(h.at)),
         }
+    }
+}
+
+/// For a skip or delay by a frequency cap: the marketing message that filled it, the latest
+/// the customer was sent before — on the capped channel when the cap names one — as
+/// ` (sent `KEY` 2 h earlier)`; empty otherwise.
+fn capped_by(h: &HistoryEntry, sends: &[DeliveryState]) -> String {
+    let reason = h
+        .detail
+        .get("reason")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    if !reason.starts_with("frequency cap") {
+        return String::new();
+    }
+    let channel = h.detail.get("channel").and_then(|v| v.as_str());
+    // "… marketing messages on sms per 1d": the cap counts that channel only.
+    let on = channel.filter(|c| reason.contains(&format!(" on {c} per ")));
+    let earlier = sends
+        .iter()
+        .filter(|d| {
+            d.row.kind == canvas_engine::state::OutboxKind::Message
+                && !d.row.transactional
+                && d.row.created_at <= h.at
+                && !(d.row.run_id == h.run_id && d.row.step == h.step)
+                && on.is_none_or(|c| d.row.channel == c)
+        })
+        .max_by_key(|d| d.row.created_at);
+    match earlier {
+        Some(d) => format!(
+            " (sent `{}` {} earlier)",
+            d.row.key,
+            ago(h.at - d.row.created_at)
+        ),
+        None => String::new(),
+    }
+}
+
+/// A span as an operator says it: `40 s`, `25 min`, `2 h`, `3 d`.
+fn ago(span: chrono::Duration) -> String {
+    let s = span.num_seconds().max(0);
+    match s {
+        0..60 => format!("{s} s"),
+        60..3600 => format!("{} min", s / 60),
+        3600..86_400 => format!("{} h", s / 3600),
+        _ => format!("{} d", s / 86_400),
     }
 }

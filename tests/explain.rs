@@ -25,12 +25,27 @@ steps:
     wait: { event: order_paid, timeout: 7d }
 ";
 
+/// A second flow's SMS, two hours after the welcome: the daily SMS cap has no room.
+const PROMO: &str = "flow: promo
+name: Promo
+timezone: UTC
+trigger:
+  event: promo_due
+steps:
+  - id: offer
+    send: sms
+    template: p/offer
+";
+
 const EVENTS: &str = r#"{"kind":"profile","customer_id":"c1","set":{"age":30,"phone":"+8613800000001"},"at":"2026-03-02T10:00:00Z"}
 {"kind":"profile","customer_id":"c2","set":{"age":30},"at":"2026-03-02T10:00:00Z"}
 {"kind":"profile","customer_id":"c3","set":{"first_name":"Zed"},"at":"2026-03-02T10:00:00Z"}
 {"kind":"event","id":"e1","customer_id":"c1","name":"signed_up","occurred_at":"2026-03-02T10:01:00Z"}
 {"kind":"event","id":"e2","customer_id":"c2","name":"signed_up","occurred_at":"2026-03-02T10:01:00Z"}
 {"kind":"event","id":"e3","customer_id":"c3","name":"signed_up","occurred_at":"2026-03-02T10:01:00Z"}
+"#;
+
+const LATER: &str = r#"{"kind":"event","id":"e4","customer_id":"c1","name":"promo_due","occurred_at":"2026-03-02T12:04:00Z"}
 "#;
 
 fn canvas(dir: &Path, database: &str, args: &[&str]) -> Output {
@@ -55,6 +70,9 @@ fn explains_sent_not_sent_and_never_entered(database: &str) {
     let flows = dir.path().join("flows");
     std::fs::create_dir_all(flows.join("templates/w")).unwrap();
     std::fs::write(flows.join("welcome.yaml"), FLOW).unwrap();
+    std::fs::write(flows.join("promo.yaml"), PROMO).unwrap();
+    std::fs::create_dir_all(flows.join("templates/p")).unwrap();
+    std::fs::write(flows.join("templates/p/offer.txt"), "20% off today\n").unwrap();
     std::fs::write(
         flows.join("templates/w/hello.txt"),
         "Hi {{ customer.first_name | default(\"there\") }}\n",
@@ -62,7 +80,7 @@ fn explains_sent_not_sent_and_never_entered(database: &str) {
     .unwrap();
     std::fs::write(
         flows.join("canvas.yaml"),
-        "timezone: Asia/Shanghai\nquiet_hours: off\n",
+        "timezone: Asia/Shanghai\nquiet_hours: off\ncaps:\n  - { channel: sms, max: 1, per: 1d }\n",
     )
     .unwrap();
     std::fs::write(dir.path().join("events.jsonl"), EVENTS).unwrap();
@@ -111,6 +129,24 @@ fn explains_sent_not_sent_and_never_entered(database: &str) {
     );
     assert_eq!(v["timezone"], serde_json::json!("Asia/Shanghai"));
     assert_eq!(v["runs"], serde_json::json!([]));
+    // Capped: the answer names the message that filled the cap, from the other flow.
+    std::fs::write(dir.path().join("later.jsonl"), LATER).unwrap();
+    let out = canvas(dir.path(), database, &["ingest", "later.jsonl"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = canvas(
+        dir.path(),
+        database,
+        &["run", "--at", "2026-03-02T12:05:00Z"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let out = canvas(dir.path(), database, &["explain", "c1", "--step", "offer"]);
+    let t = text(&out);
+    assert!(
+        t.ends_with(
+            "step `offer`: not sent (2026-03-02 20:05 +08:00): frequency cap: at most 1 marketing message on sms per 1d (sent `welcome/c1/1/hello` 2 h earlier)\n"
+        ),
+        "{t}"
+    );
     // A customer the database has never seen.
     let out = canvas(dir.path(), database, &["explain", "c9"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
