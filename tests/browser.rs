@@ -17,11 +17,11 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use canvas_engine::store::{Database, Store};
 use cdp::{Cdp, Chromium, find_chromium};
-use common::{Daemon, FreshDb, READ, WRITE, call, pg_base, until};
+use common::{Daemon, FreshDb, READ, WRITE, call, pg_base, shipped, until, zone_at};
 use serde_json::{Value, json};
 
 const WELCOME: &str = "new-member-welcome";
@@ -54,43 +54,6 @@ const NAMES: [&str; 10] = [
 
 fn member(i: usize) -> String {
     format!("m-{:02}", i + 1)
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
-/// The repository's flows folder and canvas.yaml, copied into `dir`.
-fn shipped(dir: &Path) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let flows = dir.join("flows");
-    copy_dir(&root.join("flows"), &flows);
-    std::fs::copy(root.join("canvas.yaml"), dir.join("canvas.yaml")).unwrap();
-    flows
-}
-
-/// A fixed-offset zone where it is about `local_hour`:00 now.
-fn zone_at(local_hour: i64) -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let hour = i64::try_from((secs / 3600) % 24).unwrap();
-    let offset = (local_hour - hour + 12).rem_euclid(24) - 12;
-    match offset {
-        0 => "Etc/GMT".to_owned(),
-        o if o > 0 => format!("Etc/GMT-{o}"),
-        o => format!("Etc/GMT+{}", -o),
-    }
 }
 
 /// Where the screenshots go: `target/ui-screenshots/BACKEND/` (the target dir of this build).

@@ -199,12 +199,7 @@ async fn sigkill_loses_no_step_and_doubles_no_message() {
         "counters disagree after the kills: {wrong:#?}"
     );
     let stats = store
-        .flow_stats(&canvas_engine::stats::StatsQuery {
-            flow: "crash-five".into(),
-            version: None,
-            from: i32::MIN,
-            to: i32::MAX,
-        })
+        .flow_stats(&canvas_engine::stats::StatsQuery::all("crash-five"))
         .await
         .unwrap()
         .table(None);

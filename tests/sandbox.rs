@@ -7,50 +7,8 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
-
-use common::{Daemon, FreshDb, READ, WRITE, call, pg_base, until};
+use common::{Daemon, FreshDb, READ, WRITE, afternoon_zone, call, pg_base, shipped, until};
 use serde_json::{Value, json};
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
-/// The shipped `flows/` and root `canvas.yaml`, as a checkout has them, in a temp dir.
-fn shipped(dir: &Path) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let flows = dir.join("flows");
-    copy_dir(&root.join("flows"), &flows);
-    std::fs::copy(root.join("canvas.yaml"), dir.join("canvas.yaml")).unwrap();
-    flows
-}
-
-/// A fixed-offset zone where it is now about 15:00: inside `new-member-welcome`'s
-/// 10:00–20:00 window and outside the shipped 21:00–09:00 quiet hours, whenever the test
-/// runs. (`Etc/GMT+4` is UTC−4: the sign is POSIX's.)
-fn afternoon_zone() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let hour = i64::try_from((secs / 3600) % 24).unwrap();
-    let offset = (15 - hour + 12).rem_euclid(24) - 12;
-    match offset {
-        0 => "Etc/GMT".to_owned(),
-        o if o > 0 => format!("Etc/GMT-{o}"),
-        o => format!("Etc/GMT+{}", -o),
-    }
-}
 
 async fn welcome_lands_in_the_sandbox(daemon: &Daemon) {
     let base = &daemon.base;

@@ -264,12 +264,7 @@ channels:
         let wrong = canvas_engine::stats::audit(&store, flow).await.unwrap();
         assert!(wrong.is_empty(), "{flow}: counters disagree: {wrong:#?}");
         let stats = store
-            .flow_stats(&canvas_engine::stats::StatsQuery {
-                flow: flow.into(),
-                version: None,
-                from: i32::MIN,
-                to: i32::MAX,
-            })
+            .flow_stats(&canvas_engine::stats::StatsQuery::all(flow))
             .await
             .unwrap()
             .table(None);

@@ -7,10 +7,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
-
-use common::{Daemon, FreshDb, READ, SINK_SMS, WRITE, call, pg_base, until};
+use common::{
+    Daemon, FreshDb, READ, SINK_SMS, WRITE, afternoon_zone, call, pg_base, shipped, until,
+};
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, COOKIE, LOCATION, SET_COOKIE};
 use serde_json::json;
@@ -19,42 +18,6 @@ use serde_json::json;
 const CUSTOMER: &str = "会员<b>&\"1\"";
 const CUSTOMER_HTML: &str = "会员&lt;b&gt;&amp;&quot;1&quot;";
 const FLOW: &str = "new-member-welcome";
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
-fn shipped(dir: &Path) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let flows = dir.join("flows");
-    copy_dir(&root.join("flows"), &flows);
-    std::fs::copy(root.join("canvas.yaml"), dir.join("canvas.yaml")).unwrap();
-    flows
-}
-
-/// A fixed-offset zone where it is about 15:00 now (inside the welcome's send window).
-fn afternoon_zone() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let hour = i64::try_from((secs / 3600) % 24).unwrap();
-    let offset = (15 - hour + 12).rem_euclid(24) - 12;
-    match offset {
-        0 => "Etc/GMT".to_owned(),
-        o if o > 0 => format!("Etc/GMT-{o}"),
-        o => format!("Etc/GMT+{}", -o),
-    }
-}
 
 fn enc(s: &str) -> String {
     s.bytes()

@@ -355,3 +355,49 @@ impl Peek {
         }
     }
 }
+
+/// Copy a folder and everything in it.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// The repository's `flows/` and root `canvas.yaml` (sandbox channels), as a checkout has
+/// them, copied into `dir`; the flows folder.
+pub fn shipped(dir: &Path) -> std::path::PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let flows = dir.join("flows");
+    copy_dir(&root.join("flows"), &flows);
+    std::fs::copy(root.join("canvas.yaml"), dir.join("canvas.yaml")).unwrap();
+    flows
+}
+
+/// A fixed-offset zone where it is about `local_hour`:00 now, whenever the test runs
+/// (`Etc/GMT+4` is UTC−4: the sign is POSIX's).
+pub fn zone_at(local_hour: i64) -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let hour = i64::try_from((secs / 3600) % 24).unwrap();
+    let offset = (local_hour - hour + 12).rem_euclid(24) - 12;
+    match offset {
+        0 => "Etc/GMT".to_owned(),
+        o if o > 0 => format!("Etc/GMT-{o}"),
+        o => format!("Etc/GMT+{}", -o),
+    }
+}
+
+/// About 15:00 now: inside `new-member-welcome`'s 10:00–20:00 window and outside the
+/// shipped 21:00–09:00 quiet hours.
+pub fn afternoon_zone() -> String {
+    zone_at(15)
+}

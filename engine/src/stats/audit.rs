@@ -66,14 +66,7 @@ pub async fn audit<S: Store>(store: &S, flow: &str) -> Result<Vec<String>> {
             bump(touch, metric::CONVERTED.to_owned());
         }
     }
-    let stats = store
-        .flow_stats(&StatsQuery {
-            flow: flow.to_owned(),
-            version: None,
-            from: i32::MIN,
-            to: i32::MAX,
-        })
-        .await?;
+    let stats = store.flow_stats(&StatsQuery::all(flow)).await?;
     let table = stats.table(None);
     let stored = |step: &str, metric: &str| {
         if step == FLOW {

@@ -259,6 +259,18 @@ pub struct StatsQuery {
     pub to: i32,
 }
 
+impl StatsQuery {
+    /// Every day and every version of `flow`.
+    pub fn all(flow: &str) -> StatsQuery {
+        StatsQuery {
+            flow: flow.to_owned(),
+            version: None,
+            from: i32::MIN,
+            to: i32::MAX,
+        }
+    }
+}
+
 /// One summed counter as read: over the query's days, per version and step.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatRow {
